@@ -1,0 +1,320 @@
+"""The on-disk activation store: a Zarr v3 group of row-aligned arrays (format in docs/store.md).
+
+Rows are tokens. Row r belongs to sequence r // seq_len at position r % seq_len, and to chunk
+r // chunk_rows. Every chunk is written whole and then committed by writing its row of
+`chunk_meta` last, so a crash leaves at most an uncommitted chunk that a resume rewrites.
+Chunks are independent, so several writers may each own a disjoint set of chunks.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline.util import UserError, versions
+
+SCHEMA = "tc-store"
+SCHEMA_VERSION = 1
+FLAG_BOS = 1        # row is a BOS token: excluded from statistics, training and samples by default
+FLAG_OVERFLOW = 2   # a value exceeded the fp16 range and was clamped to +-65504
+FP16_MAX = 65504.0
+DEFAULT_CHUNK_ROWS = 4096   # measured fastest for random whole-chunk reads (design brief)
+META_COLUMNS = ["committed", "rows", "stat_rows", "overflow_source", "overflow_target", "overflow_rows"]
+LOCK_NAME = ".tc-writer.lock"
+
+
+def chunk_rows_for(seq_len: int, target: int = DEFAULT_CHUNK_ROWS) -> int:
+    """Whole sequences per chunk, about `target` rows: a chunk never splits a sequence."""
+    return max(1, round(target / seq_len)) * seq_len
+
+
+@dataclass
+class Rows:
+    """A contiguous block of store rows, starting at row `start`."""
+    start: int
+    source: np.ndarray   # (n, d_model) float16
+    target: np.ndarray   # (n, d_model) float16
+    tokens: np.ndarray   # (n,) int32
+    flags: np.ndarray    # (n,) uint8
+
+
+def is_store(path: str | Path) -> bool:
+    return (Path(path) / "zarr.json").exists() and (Path(path) / "chunk_meta").exists()
+
+
+# ----------------------------------------------------------------------------- writing
+
+class WriterLock:
+    """One writer per store: a lock file holding host and pid; a dead holder's lock is taken over."""
+
+    def __init__(self, path: Path):
+        self.file = path / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> None:
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if self._holder_alive():
+                    raise UserError(f"{self.file.parent} is being written by another tc process "
+                                    f"({self.file.read_text().strip()}): wait for it or stop it first")
+                self.file.unlink(missing_ok=True)   # stale: its writer was killed
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self.held = True
+            return
+        raise UserError(f"could not take the writer lock {self.file}: remove it if no tc process is writing")
+
+    def _holder_alive(self) -> bool:
+        try:
+            host, pid = self.file.read_text().split()
+        except (OSError, ValueError):
+            return False
+        if host != socket.gethostname():
+            return True   # another machine's writer: we cannot tell, so assume alive
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def release(self) -> None:
+        if self.held:
+            self.file.unlink(missing_ok=True)
+            self.held = False
+
+
+class StoreWriter:
+    """Creates or reopens a store and writes whole chunks into it."""
+
+    def __init__(self, path: str | Path, group: zarr.Group, lock: WriterLock):
+        self.path = Path(path)
+        self.group = group
+        self.lock = lock
+        self.chunk_rows = int(group.attrs["chunk_rows"])
+        self.n_chunks = int(group["chunk_meta"].shape[0])
+
+    @classmethod
+    def create(cls, path: str | Path, *, n_rows: int, d_model: int, chunk_rows: int,
+               attrs: dict[str, Any], vocab: list[str] | None = None) -> "StoreWriter":
+        """A new, empty store planned for `n_rows` rows. The caller has checked it may write here."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        lock = WriterLock(path)
+        lock.acquire()
+        try:
+            group = zarr.open_group(str(path), mode="w")
+            n_chunks = -(-n_rows // chunk_rows)
+            for name in ("source", "target"):
+                group.create_array(name, shape=(n_rows, d_model), chunks=(chunk_rows, d_model),
+                                   dtype="float16", compressors=None, fill_value=0)
+            group.create_array("tokens", shape=(n_rows,), chunks=(chunk_rows,), dtype="int32", fill_value=0)
+            group.create_array("flags", shape=(n_rows,), chunks=(chunk_rows,), dtype="uint8", fill_value=0)
+            group.create_array("chunk_stats", shape=(n_chunks, 4, d_model), chunks=(1, 4, d_model),
+                               dtype="float64", fill_value=0)
+            group.create_array("chunk_norms", shape=(n_chunks, 2), chunks=(1, 2), dtype="float64", fill_value=0)
+            group.create_array("chunk_meta", shape=(n_chunks, len(META_COLUMNS)), chunks=(1, len(META_COLUMNS)),
+                               dtype="int64", fill_value=0)
+            if vocab is not None:
+                write_vocab(group, vocab)
+            group.attrs.update({**attrs, "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+                                "versions": versions(), "d_model": d_model, "chunk_rows": chunk_rows,
+                                "n_rows_planned": n_rows, "n_rows": 0, "complete": False,
+                                "flags": {"bos": FLAG_BOS, "overflow": FLAG_OVERFLOW}})
+        except BaseException:
+            lock.release()
+            raise
+        return cls(path, group, lock)
+
+    @classmethod
+    def reopen(cls, path: str | Path) -> "StoreWriter":
+        """An existing, unfinished store, to continue writing its uncommitted chunks."""
+        lock = WriterLock(Path(path))
+        lock.acquire()
+        return cls(path, zarr.open_group(str(path), mode="r+"), lock)
+
+    def pending_chunks(self) -> list[int]:
+        committed = self.group["chunk_meta"][:, 0]
+        return [int(c) for c in np.flatnonzero(committed == 0)]
+
+    def write_chunk(self, c: int, source: np.ndarray, target: np.ndarray, tokens: np.ndarray,
+                    bos_mask: np.ndarray) -> None:
+        """Write chunk c (all its rows at once) and commit it. Inputs are float32/bf16-as-float32."""
+        start = c * self.chunk_rows
+        n = len(tokens)
+        if not np.isfinite(source).all() or not np.isfinite(target).all():
+            raise RuntimeError(f"the model produced NaN or inf activations in chunk {c}: "
+                               "check the model's dtype (try --dtype float32)")
+        src16, src_over = to_fp16(source)
+        tgt16, tgt_over = to_fp16(target)
+        flags = np.where(bos_mask, FLAG_BOS, 0).astype(np.uint8)
+        flags |= np.where(src_over | tgt_over, FLAG_OVERFLOW, 0).astype(np.uint8)
+        keep = flags == 0
+        src = source[keep].astype(np.float64)
+        tgt = target[keep].astype(np.float64)
+        stats = np.stack([src.sum(0), (src ** 2).sum(0), tgt.sum(0), (tgt ** 2).sum(0)])
+        norms = np.array([np.linalg.norm(src, axis=1).sum(), np.linalg.norm(tgt, axis=1).sum()])
+        g = self.group
+        g["source"][start:start + n] = src16
+        g["target"][start:start + n] = tgt16
+        g["tokens"][start:start + n] = tokens.astype(np.int32)
+        g["flags"][start:start + n] = flags
+        g["chunk_stats"][c] = stats
+        g["chunk_norms"][c] = norms
+        meta = [1, n, int(keep.sum()), int(src_over.sum()), int(tgt_over.sum()), int((src_over | tgt_over).sum())]
+        g["chunk_meta"][c] = np.array(meta, dtype=np.int64)   # the commit: written last
+
+    def finalize(self, n_rows: int) -> dict[str, Any]:
+        """Shrink to the rows written (text may run out early), aggregate statistics, mark complete."""
+        g = self.group
+        n_chunks = -(-n_rows // self.chunk_rows)
+        meta = g["chunk_meta"][:n_chunks]
+        if n_chunks and not meta[:, 0].all():
+            missing = np.flatnonzero(meta[:, 0] == 0).tolist()
+            raise RuntimeError(f"cannot finalize: chunks {missing[:5]} are not committed")
+        if n_rows != g["source"].shape[0]:
+            for name in ("source", "target"):
+                g[name].resize((n_rows, g[name].shape[1]))
+            for name in ("tokens", "flags"):
+                g[name].resize((n_rows,))
+            for name in ("chunk_stats", "chunk_norms", "chunk_meta"):
+                g[name].resize((n_chunks, *g[name].shape[1:]))
+        stats = aggregate_stats(g["chunk_stats"][:], g["chunk_norms"][:], meta)
+        sg = g.require_group("stats")
+        for side in ("source", "target"):
+            for key in ("mean", "var"):
+                arr = stats[side].pop(key)
+                sg.create_array(f"{side}_{key}", shape=arr.shape, dtype="float64", overwrite=True)[:] = arr
+        overflow = {"source": int(meta[:, 3].sum()), "target": int(meta[:, 4].sum()), "rows": int(meta[:, 5].sum())}
+        summary = {"n_rows": n_rows, "complete": True, "stats": stats, "overflow": overflow,
+                   "n_bos_rows": int(n_rows - meta[:, 2].sum() - overflow["rows"])}
+        g.attrs.update(summary)
+        return summary
+
+    def update_attrs(self, attrs: dict[str, Any]) -> None:
+        self.group.attrs.update(attrs)
+
+    def close(self) -> None:
+        self.lock.release()
+
+
+def to_fp16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cast to float16, clamping to +-65504; returns the array and a per-row 'was clamped' mask."""
+    over = np.abs(x) > FP16_MAX
+    row_over = over.any(axis=1)
+    if row_over.any():
+        x = np.clip(x, -FP16_MAX, FP16_MAX)
+    return x.astype(np.float16), row_over
+
+
+def aggregate_stats(chunk_stats: np.ndarray, chunk_norms: np.ndarray, meta: np.ndarray) -> dict[str, Any]:
+    """Mean, variance, mean norm and mean squared norm over the unflagged rows of all chunks."""
+    count = max(int(meta[:, 2].sum()), 1)
+    out = {}
+    for i, side in enumerate(("source", "target")):
+        s, sq = chunk_stats[:, 2 * i].sum(0), chunk_stats[:, 2 * i + 1].sum(0)
+        mean = s / count
+        out[side] = {"count": count, "mean": mean, "var": np.maximum(sq / count - mean ** 2, 0.0),
+                     "mean_norm": float(chunk_norms[:, i].sum() / count),
+                     "mean_sq_norm": float(sq.sum() / count)}
+    return out
+
+
+def write_vocab(group: zarr.Group, vocab: list[str]) -> None:
+    """Token strings as UTF-8 bytes plus offsets, so samples decode without the tokenizer."""
+    encoded = [t.encode("utf-8", "replace") for t in vocab]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(b) for b in encoded])
+    blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    vg = group.require_group("vocab")
+    vg.create_array("offsets", shape=offsets.shape, dtype="int64", overwrite=True)[:] = offsets
+    vg.create_array("bytes", shape=(max(len(blob), 1),), dtype="uint8", overwrite=True)[:len(blob)] = blob
+
+
+# ----------------------------------------------------------------------------- reading
+
+class Store:
+    """Read access to a store. Everything another stage needs goes through here."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        if not is_store(path):
+            raise UserError(f"{path} is not a tc activation store: make one with `tc cache --out {path}`")
+        self.group = zarr.open_group(self.path, mode="r")
+        self.attrs: dict[str, Any] = self.group.attrs.asdict()
+        if self.attrs.get("schema") != SCHEMA or self.attrs.get("schema_version") != SCHEMA_VERSION:
+            raise UserError(f"{path} has store schema {self.attrs.get('schema')}/{self.attrs.get('schema_version')}, "
+                            f"this tc reads {SCHEMA}/{SCHEMA_VERSION}: re-run `tc cache`")
+        self.d_model = int(self.attrs["d_model"])
+        self.seq_len = int(self.attrs["seq_len"])
+        self.chunk_rows = int(self.attrs["chunk_rows"])
+        self.complete = bool(self.attrs.get("complete"))
+        self.source = self.group["source"]
+        self.target = self.group["target"]
+        self.n_rows = int(self.attrs["n_rows"]) if self.complete else int(self.source.shape[0])
+        self.n_chunks = -(-self.n_rows // self.chunk_rows)
+        self._tokens: np.ndarray | None = None
+        self._flags: np.ndarray | None = None
+
+    def require_complete(self) -> "Store":
+        if not self.complete:
+            done = int(self.group["chunk_meta"][:, 0].sum())
+            raise UserError(f"{self.path} is unfinished ({done} of {self.group['chunk_meta'].shape[0]} chunks): "
+                            "re-run the same `tc cache` command to finish it")
+        return self
+
+    def chunk_range(self, c: int) -> tuple[int, int]:
+        return c * self.chunk_rows, min((c + 1) * self.chunk_rows, self.n_rows)
+
+    def read_rows(self, start: int, stop: int) -> Rows:
+        return Rows(start, self.source[start:stop], self.target[start:stop],
+                    self.tokens[start:stop], self.flags[start:stop])
+
+    def read_chunk(self, c: int) -> Rows:
+        return self.read_rows(*self.chunk_range(c))
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """All token ids (int32, one per row): small enough to hold in memory."""
+        if self._tokens is None:
+            self._tokens = self.group["tokens"][: self.n_rows]
+        return self._tokens
+
+    @property
+    def flags(self) -> np.ndarray:
+        if self._flags is None:
+            self._flags = self.group["flags"][: self.n_rows]
+        return self._flags
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per-side mean (d,), var (d,), mean_norm, mean_sq_norm, count over unflagged rows."""
+        self.require_complete()
+        out = {}
+        for side in ("source", "target"):
+            out[side] = dict(self.attrs["stats"][side])
+            out[side]["mean"] = self.group[f"stats/{side}_mean"][:]
+            out[side]["var"] = self.group[f"stats/{side}_var"][:]
+        return out
+
+    def vocab(self) -> list[str]:
+        """Token id -> token text, as stored at cache time."""
+        offsets = self.group["vocab/offsets"][:]
+        blob = self.group["vocab/bytes"][:].tobytes()
+        return [blob[offsets[i]:offsets[i + 1]].decode("utf-8", "replace") for i in range(len(offsets) - 1)]
+
+    def sequence_start(self, row: int) -> int:
+        return row - row % self.seq_len
+
+    @property
+    def hooks(self) -> dict[str, str]:
+        return self.attrs["hooks"]

@@ -1,0 +1,111 @@
+"""Small helpers every stage shares: the user-error type, option metadata, counts, versions."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import re
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+TC_VERSION = "0.1.0"
+
+
+class UserError(Exception):
+    """Bad input or state the user can fix. The CLI prints the message as one line, exits 2."""
+
+
+def opt(default: Any, help: str, panel: str | None = None, parse: Callable[[str], Any] | None = None,
+        flag: str | None = None) -> Any:
+    """A dataclass field that also describes its CLI option (help text, help panel, parser)."""
+    meta = {"help": help, "panel": panel, "parse": parse, "flag": flag}
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+_SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "b": 1_000_000_000, "g": 1_000_000_000}
+
+
+def parse_count(text: str | int) -> int:
+    """'5M' -> 5_000_000, '200k' -> 200_000, '5000000' -> 5_000_000, '1.5M' -> 1_500_000."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMbBgG]?)\s*", str(text).replace("_", ""))
+        if not m:
+            raise UserError(f"bad count {text!r}: write a whole number, optionally with k or M (e.g. 200k, 5M)")
+        value = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+        if value != int(value):
+            raise UserError(f"bad count {text!r}: it is not a whole number")
+        value = int(value)
+    if value <= 0:
+        raise UserError(f"bad count {text!r}: it must be positive")
+    return value
+
+
+def parse_int_list(text: str | list) -> list[int]:
+    """'64,128,256' -> [64, 128, 256]."""
+    if isinstance(text, list):
+        return [int(v) for v in text]
+    try:
+        return [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"bad list {text!r}: write whole numbers separated by commas, e.g. 64,128,256") from None
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software that made an artefact, recorded beside it."""
+    out = {"tc": TC_VERSION, "python": platform.python_version()}
+    for pkg in ("torch", "transformers", "transformer-lens", "zarr", "numcodecs", "datasets", "safetensors", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def user_cache_dir() -> Path:
+    """Where converted models and other reusable downloads live (TC_CACHE_DIR overrides)."""
+    root = os.environ.get("TC_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tc")
+    return Path(root)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses, paths and tuples as plain JSON values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON so that a kill at any moment leaves either the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(to_jsonable(obj), f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def pick_device(name: str) -> str:
+    """'auto' -> 'cuda' when available, else 'cpu'. An unavailable 'cuda' is a user error."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu or auto")
+    if name not in ("cpu",) and not name.startswith("cuda") and name != "mps":
+        raise UserError(f"unknown --device {name!r}: use auto, cpu or cuda")
+    return name

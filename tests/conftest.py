@@ -1,0 +1,61 @@
+"""Shared fixtures. `synthetic_store` builds a small, complete store without any model, so that
+stage-two tests run in seconds; its target is a fixed sparse function of its source, so a
+transcoder can learn it."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+from pipeline.store import StoreWriter, chunk_rows_for  # noqa: E402
+
+BOS_ID = 2
+
+
+def write_synthetic_store(path: str | Path, n_rows: int = 8192, d_model: int = 32, seq_len: int = 64,
+                          n_features: int = 128, k_true: int = 4, vocab_size: int = 100, seed: int = 0,
+                          chunk_rows: int | None = None) -> Path:
+    """A complete store whose rows are sparse sums of random feature directions (source) and a
+    different decoder for the same features (target). Row 0 of every sequence is BOS with a huge norm."""
+    rng = np.random.default_rng(seed)
+    chunk_rows = chunk_rows or chunk_rows_for(seq_len, 1024)
+    enc_dirs = rng.normal(size=(n_features, d_model)).astype(np.float32)
+    dec_dirs = rng.normal(size=(n_features, d_model)).astype(np.float32)
+    tokens = rng.integers(3, vocab_size, size=n_rows).astype(np.int32)
+    tokens[::seq_len] = BOS_ID
+    # each token id turns on the same few features, so samples have a meaning to find
+    token_feats = rng.integers(0, n_features, size=(vocab_size, k_true))
+    mags = rng.uniform(0.5, 3.0, size=(n_rows, k_true)).astype(np.float32)
+    codes = np.zeros((n_rows, n_features), np.float32)
+    np.put_along_axis(codes, token_feats[tokens], mags, axis=1)
+    source = codes @ enc_dirs + 0.01 * rng.normal(size=(n_rows, d_model)).astype(np.float32) + 1.0
+    target = codes @ dec_dirs - 0.5
+    bos = tokens == BOS_ID
+    source[bos] *= 100.0
+    vocab = ["<pad>", "<eos>", "<bos>"] + [f" w{i}" for i in range(3, vocab_size)]
+    writer = StoreWriter.create(path, n_rows=n_rows, d_model=d_model, chunk_rows=chunk_rows, vocab=vocab, attrs={
+        "model": "synthetic", "layer": 0, "seq_len": seq_len, "dtype": "float16",
+        "hooks": {"source": "blocks.0.hook_resid_mid", "target": "blocks.0.hook_mlp_out"},
+        "tokenizer": {"name": "synthetic", "bos_id": BOS_ID, "vocab_size": vocab_size},
+        "dataset": {"spec": "synthetic"}, "config": {"model": "synthetic", "layer": 0, "seq_len": seq_len}})
+    try:
+        for c in writer.pending_chunks():
+            a, b = c * chunk_rows, min((c + 1) * chunk_rows, n_rows)
+            writer.write_chunk(c, source[a:b], target[a:b], tokens[a:b], bos[a:b])
+        writer.finalize(n_rows)
+    finally:
+        writer.close()
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def synthetic_store(tmp_path_factory) -> Path:
+    """A complete 8,192-row, d=32 synthetic store shared by the session's tests (read-only!)."""
+    return write_synthetic_store(tmp_path_factory.mktemp("stores") / "synthetic.zarr")
