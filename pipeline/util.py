@@ -109,3 +109,18 @@ def pick_device(name: str) -> str:
     if name not in ("cpu",) and not name.startswith("cuda") and name != "mps":
         raise UserError(f"unknown --device {name!r}: use auto, cpu or cuda")
     return name
+
+
+_fault_counts: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Crash-test hook: with TC_KILL_AT="name:n", the n-th pass through `name` kills this process
+    with SIGKILL, as `kill -9` would. Tests use it to stop a run at an exact point; unset, it is free."""
+    spec = os.environ.get("TC_KILL_AT")
+    if not spec or not spec.startswith(name + ":"):
+        return
+    _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if _fault_counts[name] == int(spec.rsplit(":", 1)[1]):
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,129 @@
+"""tc: the command line. Thin: each command is generated from its stage's config dataclass.
+
+Option names are the dataclass field names with dashes; help text and help panels come from the
+fields' metadata; `--config FILE.toml` supplies any of them (keys are option names); options
+given on the command line win over the file, the file over the defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+import typer
+
+from pipeline.util import UserError
+
+app = typer.Typer(help="Train sparse transcoders on an LLM's MLP and see what each feature means.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+samples_app = typer.Typer(help="Top-activating samples of each feature: collect, export, show.",
+                          no_args_is_help=True)
+app.add_typer(samples_app, name="samples")
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    typer.secho(f"error: {message}", err=True, fg="red")
+    return typer.Exit(code)
+
+
+def guarded(fn: Callable[[], Any]) -> Any:
+    """Run a stage: a UserError becomes one line and exit 2; Ctrl-C says how to resume."""
+    try:
+        return fn()
+    except UserError as e:
+        raise fail(str(e)) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted: re-run the same command to continue where it stopped", 130) from None
+
+
+def option_type(field_type: Any) -> tuple[Any, bool]:
+    """The CLI type of a config field and whether it may be None."""
+    args = typing.get_args(field_type)
+    if typing.get_origin(field_type) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return field_type, False
+
+
+def config_params(cfg_cls: type) -> list[inspect.Parameter]:
+    hints = typing.get_type_hints(cfg_cls)
+    params = []
+    for f in dataclasses.fields(cfg_cls):
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        base, nullable = option_type(hints[f.name])
+        if meta.get("parse") or base is list or typing.get_origin(base) is list:
+            base = str   # parsed after merging with the config file
+            default = ",".join(map(str, default)) if isinstance(default, list) else default
+        annotation = Optional[base] if nullable or default is None else base
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        decls = [f"{flag}/--no-{flag[2:]}"] if base is bool else [flag]
+        option = typer.Option(default, *decls, help=meta.get("help"), rich_help_panel=meta.get("panel"),
+                              show_default=default is not None and default != "")
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                    default=typer.Option(None, "--config", help="TOML file whose keys are option names.",
+                                                         rich_help_panel="Config file")))
+    return params
+
+
+def build_config(cfg_cls: type, values: dict[str, Any], ctx: click.Context) -> Any:
+    """Command line > config file > defaults; then each field's parser."""
+    config_file = values.pop("config", None)
+    if config_file is not None:
+        file_values = read_toml(config_file, cfg_cls)
+        for name, value in file_values.items():
+            if ctx.get_parameter_source(name) != click.core.ParameterSource.COMMANDLINE:
+                values[name] = value
+    for f in dataclasses.fields(cfg_cls):
+        parse = f.metadata.get("parse")
+        if parse and values.get(f.name) is not None:
+            values[f.name] = parse(values[f.name])
+    return cfg_cls(**values)
+
+
+def read_toml(path: Path, cfg_cls: type) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from None
+    names = {f.name for f in dataclasses.fields(cfg_cls)}
+    values = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(f"config file {path} has unknown keys {unknown}: use option names such as "
+                        f"{sorted(names)[:4]}")
+    return values
+
+
+def register(typer_app: typer.Typer, name: str, cfg_cls: type, run: Callable[[Any], Any], help: str) -> None:
+    """Add a command whose options are the fields of `cfg_cls` and which calls `run(config)`."""
+    def command(ctx: typer.Context, **values: Any) -> None:
+        guarded(lambda: run(build_config(cfg_cls, values, ctx)))
+
+    ctx_param = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    command.__signature__ = inspect.Signature([ctx_param, *config_params(cfg_cls)])
+    command.__doc__ = help
+    typer_app.command(name, help=help, no_args_is_help=False)(command)
+
+
+def _register_all() -> None:
+    from pipeline import cache
+
+    register(app, "cache", cache.CacheConfig, cache.run_cache,
+             "Stage one: run the model once and write source/target activations and token ids to a Zarr store.")
+
+
+_register_all()
+
+
+if __name__ == "__main__":
+    sys.exit(app())

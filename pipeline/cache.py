@@ -1,0 +1,271 @@
+"""Stage one: run the model once and write source/target activations plus token ids to a store.
+
+text -> packed sequences -> forward to the layer -> chunk buffers -> background writer -> store.
+Resume: the text stream is deterministic, so a re-run re-reads it, skips the sequences of chunks
+already committed, and recomputes the rest with the same forward batches (batches are aligned to
+multiples of `batch_size` sequences from the start), which makes a resumed store bit-identical.
+"""
+from __future__ import annotations
+
+import queue
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.store import LOCK_NAME, Store, StoreWriter, WriterLock, chunk_rows_for, is_store
+from pipeline.util import UserError, fault_point, opt, parse_count, pick_device
+
+# Fields that define what the store holds: a re-run must agree on all of them to resume.
+IDENTITY_FIELDS = ("model", "dataset", "dataset_config", "split", "text_column", "layer", "tokens",
+                   "source", "target", "seq_len", "chunk_rows", "dtype", "compress")
+
+
+@dataclass
+class CacheConfig:
+    model: str = opt("google/gemma-2-2b", "Hugging Face id, or a built-in: gemma-3-270m, tiny, gemma-2-2b-random.", "Model")
+    layer: int = opt(8, "Layer whose MLP is read.", "Model")
+    source: str = opt("hook_resid_mid", "Input hook (the transcoder's source).", "Model")
+    target: str = opt("hook_mlp_out", "Target hook (what the transcoder predicts).", "Model")
+    dataset: str = opt("HuggingFaceFW/fineweb-edu", "HF dataset id (streamed), a local .txt/.jsonl/.parquet file or folder, or python-docs.", "Text")
+    dataset_config: str | None = opt(None, "HF dataset config name.", "Text")
+    split: str = opt("train", "HF dataset split.", "Text")
+    text_column: str = opt("text", "Column that holds the text.", "Text")
+    tokens: int = opt(5_000_000, "Tokens to cache (5M, 200k, 5000000); rounded up to whole sequences.", "Text", parse=parse_count)
+    seq_len: int = opt(1024, "Tokens per sequence, BOS included.", "Text")
+    out: str | None = opt(None, "Store path (default data/l{layer}.zarr).", "Output")
+    chunk_rows: int | None = opt(None, "Rows per chunk (default: whole sequences, about 4096 rows).", "Output")
+    compress: bool = opt(False, "Compress activations with zstd (about 1.08x smaller, reads 2-4x slower).", "Output")
+    overwrite: bool = opt(False, "Replace an existing store made with a different configuration.", "Output")
+    batch_size: int = opt(8, "Sequences per forward pass.", "Compute")
+    device: str = opt("auto", "auto, cpu or cuda.", "Compute")
+    dtype: str = opt("auto", "Model compute dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.", "Compute")
+
+    def resolved_out(self) -> Path:
+        return Path(self.out or f"data/l{self.layer}.zarr")
+
+
+def validate(cfg: CacheConfig) -> None:
+    """Checks that need no model: everything here fails in one line before minutes of loading."""
+    for name in ("tokens", "seq_len", "batch_size"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.seq_len < 2:
+        raise UserError("--seq-len must be at least 2 (BOS plus one token)")
+    if cfg.layer < 0:
+        raise UserError(f"--layer must be 0 or more, got {cfg.layer}")
+    if cfg.chunk_rows is not None and (cfg.chunk_rows <= 0 or cfg.chunk_rows % cfg.seq_len):
+        raise UserError(f"--chunk-rows must be a positive multiple of --seq-len ({cfg.seq_len})")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"unknown --dtype {cfg.dtype!r}: use auto, float32, bfloat16 or float16")
+
+
+def identity(cfg: CacheConfig) -> dict[str, Any]:
+    return {k: asdict(cfg)[k] for k in IDENTITY_FIELDS}
+
+
+def prepare_output(cfg: CacheConfig) -> str:
+    """Decide what to do with the output path: 'create', 'resume' or 'done'. Refuses unsafe cases."""
+    out = cfg.resolved_out()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is a file: choose another --out")
+    if out.is_dir() and is_store(out):
+        old = Store(out).attrs.get("config", {})
+        same = {k: old.get(k) for k in IDENTITY_FIELDS} == identity(cfg)
+        if same and not cfg.overwrite:
+            return "done" if Store(out).complete else "resume"
+        if not cfg.overwrite:
+            diff = [k for k in IDENTITY_FIELDS if old.get(k) != identity(cfg)[k]]
+            raise UserError(f"{out} holds a store made with a different configuration ({', '.join(diff)}): "
+                            "pass --overwrite to replace it, or choose another --out")
+        return "create"
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
+        raise UserError(f"{out} exists and is not a tc store: choose another --out (tc never deletes it)")
+    return "create"
+
+
+def check_writable(out: Path) -> None:
+    parent = out if out.exists() else out.parent
+    while not parent.exists():
+        parent = parent.parent
+    probe = parent / f".tc-write-test-{time.time_ns()}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise UserError(f"cannot write to {out}: {e.strerror}; choose another --out") from None
+
+
+def compute_dtype(cfg: CacheConfig, device: str) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+class BackgroundWriter:
+    """Writes chunks on a thread so the forward pass never waits on disk. Errors surface on submit/close."""
+
+    def __init__(self, writer: StoreWriter, depth: int = 2):
+        self.writer = writer
+        self.jobs: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.write_chunk(*job)
+                except BaseException as e:  # handed to the main thread
+                    self.error = e
+
+    def submit(self, *job: Any) -> None:
+        self._raise()
+        self.jobs.put(job)
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def batches(seqs: Iterator[np.ndarray], n_seqs: int, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(index of the first sequence, (B, seq_len) tokens) for consecutive batches of the stream."""
+    buf: list[np.ndarray] = []
+    first = 0
+    for i, seq in enumerate(seqs):
+        if i >= n_seqs:
+            break
+        buf.append(seq)
+        if len(buf) == batch_size:
+            yield first, np.stack(buf)
+            first, buf = i + 1, []
+    if buf:
+        yield first, np.stack(buf)
+
+
+def run_cache(cfg: CacheConfig) -> dict[str, Any]:
+    """Stage one end to end. Returns the summary it prints."""
+    from pipeline import forward, models, text
+
+    validate(cfg)
+    out = cfg.resolved_out()
+    check_writable(out)
+    action = prepare_output(cfg)
+    if action == "done":
+        store = Store(out)
+        print(f"{out} is already complete ({store.n_rows:,} rows): nothing to do")
+        return {"store": str(out), "tokens": store.n_rows, "skipped": True}
+    docs = text.iter_documents(cfg.dataset, split=cfg.split, config=cfg.dataset_config, text_column=cfg.text_column)
+    device = pick_device(cfg.device)
+    lm = models.load_model(cfg.model, device=device, dtype=compute_dtype(cfg, device))
+    hooks = forward.check_hooks(lm, cfg.layer, [cfg.source, cfg.target])
+    writer = open_writer(cfg, out, action, lm, hooks)
+    try:
+        return write_store(cfg, writer, lm, hooks, docs)
+    finally:
+        writer.close()
+
+
+def open_writer(cfg: CacheConfig, out: Path, action: str, lm: Any, hooks: list[str]) -> StoreWriter:
+    from pipeline import models, text
+
+    if action == "resume":
+        return StoreWriter.reopen(out)
+    if out.exists():   # --overwrite of a store: take its lock first so a live writer is never clobbered
+        lock = WriterLock(out)
+        lock.acquire()
+        for p in out.iterdir():
+            if p.name != LOCK_NAME:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        lock.release()
+    seq_len = cfg.seq_len
+    n_rows = -(-cfg.tokens // seq_len) * seq_len
+    chunk_rows = cfg.chunk_rows or chunk_rows_for(seq_len)
+    attrs = {
+        "model": cfg.model, "hf_name": lm.hf_name, "layer": cfg.layer,
+        "hooks": {"source": hooks[0], "target": hooks[1]}, "seq_len": seq_len, "dtype": "float16",
+        "compute_dtype": str(lm.dtype).replace("torch.", ""),
+        "tokenizer": {"name": getattr(lm.tokenizer, "name_or_path", cfg.model), "bos_id": lm.bos_id,
+                      "vocab_size": lm.vocab_size},
+        "dataset": text.describe_dataset(cfg.dataset, cfg.split, cfg.dataset_config),
+        "config": asdict(cfg),
+    }
+    return StoreWriter.create(out, n_rows=n_rows, d_model=lm.d_model, chunk_rows=chunk_rows, attrs=attrs,
+                              vocab=models.vocab_strings(lm.tokenizer), compress=cfg.compress)
+
+
+def write_store(cfg: CacheConfig, writer: StoreWriter, lm: Any, hooks: list[str], docs: Iterator[str]) -> dict[str, Any]:
+    from pipeline import forward, text
+
+    seq_len, chunk_rows = cfg.seq_len, writer.chunk_rows
+    spc = chunk_rows // seq_len                       # sequences per chunk
+    n_seqs = writer.n_rows_planned // seq_len
+    pending = set(writer.pending_chunks())
+    done_rows = (writer.n_chunks - len(pending)) * chunk_rows
+    bar = tqdm(total=n_seqs * seq_len, initial=min(done_rows, n_seqs * seq_len), unit="tok", unit_scale=True,
+               desc=f"cache {cfg.model} L{cfg.layer}", smoothing=0.05)
+    bg = BackgroundWriter(writer)
+    buffers: dict[int, list[list[np.ndarray]]] = {}   # chunk -> [source, target, tokens] pieces
+    seen = 0
+    t0 = time.perf_counter()
+    try:
+        seqs = text.pack_sequences(docs, lm.tokenizer, seq_len, lm.bos_id)
+        for first, toks in batches(seqs, n_seqs, cfg.batch_size):
+            seen = first + len(toks)
+            chunks = {s // spc for s in range(first, seen)}
+            if not chunks & pending:
+                continue                              # already on disk: only the tokenizer ran
+            acts = forward.forward_hooks(lm, torch.from_numpy(toks), cfg.layer, hooks)
+            src, tgt = (acts[h].numpy() for h in hooks)
+            for j in range(len(toks)):
+                c = (first + j) // spc
+                if c in pending:
+                    buffers.setdefault(c, [[], [], []])
+                    for part, value in zip(buffers[c], (src[j], tgt[j], toks[j])):
+                        part.append(value)
+                    if len(buffers[c][2]) == spc:
+                        submit_chunk(bg, c, buffers.pop(c), lm.bos_id)
+            bar.update(len(toks) * seq_len)
+        for c, parts in sorted(buffers.items()):      # text ran out inside this chunk
+            submit_chunk(bg, c, parts, lm.bos_id)
+        bg.close()
+    finally:
+        bar.close()
+    if seen == 0:
+        raise UserError(f"{cfg.dataset} gave no text long enough for one {seq_len}-token sequence: "
+                        "check the dataset, its --text-column, or lower --seq-len")
+    return finish(cfg, writer, min(seen, n_seqs) * seq_len, time.perf_counter() - t0)
+
+
+def submit_chunk(bg: BackgroundWriter, c: int, parts: list[list[np.ndarray]], bos_id: int) -> None:
+    src, tgt, toks = (np.concatenate(p) for p in parts)
+    bg.submit(c, src, tgt, toks, toks == bos_id)
+
+
+def finish(cfg: CacheConfig, writer: StoreWriter, n_rows: int, seconds: float) -> dict[str, Any]:
+    planned = writer.n_rows_planned
+    fault_point("before_finalize")
+    summary = writer.finalize(n_rows)
+    out = cfg.resolved_out()
+    nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    result = {"store": str(out), "tokens": n_rows, "rows": n_rows, "bytes": nbytes,
+              "bytes_per_token": nbytes / max(n_rows, 1), "seconds": round(seconds, 1),
+              "overflow_rows": summary["overflow"]["rows"], "bos_rows": summary["n_bos_rows"]}
+    if n_rows < planned:
+        print(f"the text ran out: wrote {n_rows:,} of the {planned:,} tokens asked for; the store is complete for what it holds")
+    print(f"wrote {n_rows:,} tokens to {out}: {nbytes / 1e6:,.1f} MB ({result['bytes_per_token']:,.0f} bytes/token), "
+          f"{seconds:,.1f} s this run, {summary['overflow']['rows']} rows clamped to fp16 range, "
+          f"{summary['n_bos_rows']} BOS rows excluded from statistics")
+    return result

@@ -1,0 +1,208 @@
+"""Stage one end to end on the tiny model: the right hooks, the right token ids, kill -9 and resume
+giving a bit-identical store, refusals, and one clear line for each bad input."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline import forward, models, text
+from pipeline.cache import CacheConfig, run_cache
+from pipeline.store import Store
+
+ARRAYS = ["source", "target", "tokens", "flags", "chunk_stats", "chunk_norms", "chunk_meta",
+          "stats/source_mean", "stats/source_var", "stats/target_mean", "stats/target_var",
+          "vocab/offsets", "vocab/bytes"]
+# 64-token sequences, 4 per chunk, forward batches of 3: batches straddle chunks on purpose
+TINY_ARGS = ["cache", "--model", "tiny", "--dataset", "python-docs", "--layer", "1", "--tokens", "3000",
+             "--seq-len", "64", "--chunk-rows", "256", "--batch-size", "3"]
+
+
+def tc(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, cwd=Path(__file__).parent.parent)
+
+
+def tc_inproc(args: list[str]):
+    return CliRunner().invoke(app, args)
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "t.zarr"
+    r = tc_inproc([*TINY_ARGS, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
+    for name in ARRAYS:
+        assert np.array_equal(ga[name][:], gb[name][:]), name
+    drop = {"versions", "config"}
+    attrs_a = {k: v for k, v in ga.attrs.asdict().items() if k not in drop}
+    attrs_b = {k: v for k, v in gb.attrs.asdict().items() if k not in drop}
+    assert attrs_a == attrs_b
+
+
+def check_hooks_and_tokens(store_path: Path, spec: str, n_seqs: int = 4) -> None:
+    """Stored rows satisfy resid_post = resid_mid + mlp_out, and the ids are the tokenizer's."""
+    s = Store(store_path)
+    lm = models.load_model(spec)
+    rows = n_seqs * s.seq_len
+    toks = torch.from_numpy(s.tokens[:rows].astype(np.int64)).view(n_seqs, s.seq_len)
+    post = forward.forward_hooks(lm, toks, s.attrs["layer"], ["hook_resid_post"])
+    post = next(iter(post.values())).reshape(rows, -1).numpy()
+    mid, out = (s.group[k][:rows].astype(np.float32) for k in ("source", "target"))
+    keep = s.flags[:rows] == 0
+    scale = np.abs(post[keep]).max()
+    # fp16 keeps ~3 significant digits of each term
+    np.testing.assert_allclose(mid[keep] + out[keep], post[keep], atol=2e-3 * scale, rtol=2e-3)
+    assert not np.allclose(out[keep], 0)
+    # token ids: the first sequence is BOS then the tokenizer's own ids for the first document
+    doc = next(text.iter_documents("python-docs"))
+    ids = lm.tokenizer(doc, add_special_tokens=False)["input_ids"][: s.seq_len - 1]
+    assert s.tokens[0] == lm.bos_id
+    assert s.tokens[1:1 + len(ids)].tolist() == ids
+    packed = np.concatenate(list(text.pack_sequences(iter([doc]), lm.tokenizer, s.seq_len, lm.bos_id)))
+    assert s.tokens[:min(len(packed), rows)].tolist() == packed[:rows].tolist()
+
+
+def test_tiny_store_reads_the_right_hooks_and_tokens(tiny_store):
+    s = Store(tiny_store)
+    assert s.complete and s.n_rows == 3008 and s.attrs["hooks"] == {
+        "source": "blocks.1.hook_resid_mid", "target": "blocks.1.hook_mlp_out"}
+    assert s.source.dtype == np.float16 and s.tokens.dtype == np.int32
+    assert (s.flags[:: s.seq_len] & 1).all()        # every sequence starts with a flagged BOS
+    check_hooks_and_tokens(tiny_store, "tiny")
+
+
+@pytest.mark.slow
+def test_gemma3_store_reads_the_right_hooks_and_tokens(tmp_path):
+    out = tmp_path / "g3.zarr"
+    run_cache(CacheConfig(model="gemma-3-270m", dataset="python-docs", layer=6, tokens=1024, seq_len=128,
+                          batch_size=4, out=str(out)))
+    s = Store(out)
+    assert s.d_model == 640 and s.n_rows == 1024
+    check_hooks_and_tokens(out, "gemma-3-270m", n_seqs=2)
+
+
+@pytest.mark.parametrize("kill_at", ["chunk_committed:2", "chunk_before_commit:3", "before_finalize:1"])
+def test_kill_minus_9_then_resume_is_bit_identical(tiny_store, tmp_path, kill_at):
+    out = tmp_path / "k.zarr"
+    killed = tc([*TINY_ARGS, "--out", str(out)], TC_KILL_AT=kill_at)
+    assert killed.returncode == -signal.SIGKILL
+    assert not Store(out).complete
+    resumed = tc([*TINY_ARGS, "--out", str(out)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_store(tiny_store, out)
+
+
+def test_kill_at_a_random_moment_then_resume_is_bit_identical(tiny_store, tmp_path):
+    out = tmp_path / "k.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *TINY_ARGS, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parent.parent)
+    while not (out / "chunk_meta").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    assert tc([*TINY_ARGS, "--out", str(out)]).returncode == 0
+    assert_same_store(tiny_store, out)
+
+
+def test_complete_store_is_reused(tiny_store):
+    before = (tiny_store / "zarr.json").stat().st_mtime_ns
+    r = tc_inproc([*TINY_ARGS, "--out", str(tiny_store)])
+    assert r.exit_code == 0 and "already complete" in r.output
+    assert (tiny_store / "zarr.json").stat().st_mtime_ns == before
+
+
+def test_different_config_is_refused_unless_overwrite(tiny_store, tmp_path):
+    out = tmp_path / "copy.zarr"
+    assert tc_inproc([*TINY_ARGS, "--out", str(out)]).exit_code == 0
+    r = tc_inproc([*TINY_ARGS, "--layer", "2", "--out", str(out)])
+    assert r.exit_code == 2 and "different configuration (layer)" in r.output and "--overwrite" in r.output
+    assert_same_store(tiny_store, out)
+    r = tc_inproc([*TINY_ARGS, "--layer", "2", "--out", str(out), "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert Store(out).attrs["layer"] == 2
+
+
+def test_second_writer_is_refused(tmp_path):
+    out = tmp_path / "w.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *TINY_ARGS, "--tokens", "50k", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parent.parent)
+    try:
+        while not (out / "chunk_meta").exists():
+            assert proc.poll() is None
+            time.sleep(0.05)
+        r = tc([*TINY_ARGS, "--tokens", "50k", "--out", str(out)])
+        assert r.returncode == 2 and "another tc process" in r.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_text_running_out_gives_a_valid_smaller_store(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("A short note about transcoders and sparse features. " * 40)
+    out = tmp_path / "n.zarr"
+    r = tc_inproc(["cache", "--model", "tiny", "--dataset", str(notes), "--layer", "1", "--tokens", "1M",
+                   "--seq-len", "32", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "text ran out" in r.output
+    s = Store(out)
+    assert s.complete and 0 < s.n_rows < 1_000_000 and s.n_rows % 32 == 0
+    assert s.source.shape[0] == s.n_rows
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no-such-model-xyz"], "could not load no-such-model-xyz"),
+    (["--model", "google/gemma-2-2b"], "could not load google/gemma-2-2b"),
+    (["--layer", "99"], "layer 99 is out of range"),
+    (["--source", "hook_nope"], "unknown hook"),
+    (["--dataset", "/no/such/file.txt"], "/no/such/file.txt"),
+    (["--tokens", "-5"], "bad count"),
+    (["--tokens", "lots"], "bad count"),
+    (["--seq-len", "0"], "--seq-len must be positive"),
+    (["--chunk-rows", "100"], "multiple of --seq-len"),
+    (["--device", "tpu"], "unknown --device"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    base = ["cache", "--model", "tiny", "--dataset", "python-docs", "--layer", "1", "--tokens", "1000", "--seq-len", "64"]
+    out = tmp_path / "bad.zarr"
+    r = tc_inproc([*base, *args, "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert not (out / "source").exists()
+
+
+def test_empty_text_and_unwritable_output(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    base = ["cache", "--model", "tiny", "--layer", "1", "--tokens", "1000", "--seq-len", "64"]
+    r = tc_inproc([*base, "--dataset", str(empty), "--out", str(tmp_path / "e.zarr")])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+    r = tc_inproc([*base, "--dataset", "python-docs", "--out", str(blocker / "x.zarr")])
+    assert r.exit_code == 2 and "cannot write" in r.output, r.output
+    assert blocker.read_text() == "mine"
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    r = tc_inproc([*base, "--dataset", "python-docs", "--out", str(precious), "--overwrite"])
+    assert r.exit_code == 2 and "not a tc store" in r.output
+    assert (precious / "notes.txt").read_text() == "keep me"

@@ -1,0 +1,123 @@
+"""The store format on its own: fp16 overflow rule, statistics, commits, the writer lock, vocab."""
+import numpy as np
+import pytest
+import zarr
+
+from conftest import BOS_ID, write_synthetic_store
+from pipeline.store import FLAG_BOS, FLAG_OVERFLOW, FP16_MAX, Store, StoreWriter, chunk_rows_for, to_fp16
+from pipeline.util import UserError
+
+
+def small_writer(path, n_rows=96, d=4, chunk_rows=32):
+    return StoreWriter.create(path, n_rows=n_rows, d_model=d, chunk_rows=chunk_rows, vocab=["a", "é", " b"],
+                              attrs={"seq_len": 16, "hooks": {"source": "s", "target": "t"}, "config": {}})
+
+
+def test_chunk_rows_hold_whole_sequences():
+    for seq_len in (64, 100, 256, 1024, 5000):
+        rows = chunk_rows_for(seq_len)
+        assert rows % seq_len == 0 and rows >= seq_len
+    assert chunk_rows_for(1024) == 4096
+
+
+def test_fp16_overflow_is_clamped_flagged_and_counted(tmp_path):
+    x = np.ones((32, 4), np.float32)
+    x[3, 1] = 1e6
+    x[5, 0] = -7e4
+    y, over = to_fp16(x)
+    assert np.isfinite(y).all() and y[3, 1] == FP16_MAX and y[5, 0] == -FP16_MAX
+    assert over.nonzero()[0].tolist() == [3, 5]
+
+    w = small_writer(tmp_path / "s.zarr", n_rows=32)
+    tok = np.arange(32, dtype=np.int32)
+    w.write_chunk(0, x, np.ones_like(x), tok, tok == 0)
+    w.finalize(32)
+    w.close()
+    s = Store(tmp_path / "s.zarr")
+    assert np.isfinite(s.source[:]).all()
+    assert s.flags[3] == FLAG_OVERFLOW and s.flags[5] == FLAG_OVERFLOW and s.flags[0] == FLAG_BOS
+    assert s.attrs["overflow"] == {"source": 2, "target": 0, "rows": 2}
+    # statistics ignore the BOS row and the clamped rows
+    assert s.stats()["source"]["count"] == 29
+    np.testing.assert_allclose(s.stats()["source"]["mean"], 1.0)
+
+
+def test_nan_activations_stop_the_write(tmp_path):
+    w = small_writer(tmp_path / "s.zarr", n_rows=32)
+    x = np.ones((32, 4), np.float32)
+    x[0, 0] = np.nan
+    with pytest.raises(RuntimeError, match="NaN"):
+        w.write_chunk(0, x, x, np.zeros(32, np.int32), np.zeros(32, bool))
+    w.close()
+
+
+def test_statistics_match_numpy_over_unflagged_rows(synthetic_store):
+    s = Store(synthetic_store)
+    keep = s.flags == 0
+    assert (~keep).sum() == s.n_rows // s.seq_len          # exactly the BOS rows
+    for side in ("source", "target"):
+        x = s.group[side][:].astype(np.float64)[keep]
+        st = s.stats()[side]
+        np.testing.assert_allclose(st["mean"], x.mean(0), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(st["var"], x.var(0), rtol=1e-6, atol=1e-6)
+        assert st["mean_norm"] == pytest.approx(np.linalg.norm(x, axis=1).mean(), rel=1e-9)
+        assert st["mean_sq_norm"] == pytest.approx((x ** 2).sum(1).mean(), rel=1e-9)
+
+
+def test_only_committed_chunks_count_and_finalize_needs_all(tmp_path):
+    w = small_writer(tmp_path / "s.zarr")
+    x = np.ones((32, 4), np.float32)
+    tok = np.zeros(32, np.int32)
+    w.write_chunk(1, x, x, tok, tok == 1)
+    assert w.pending_chunks() == [0, 2]
+    with pytest.raises(RuntimeError, match="not committed"):
+        w.finalize(96)
+    w.close()
+    with pytest.raises(UserError, match="unfinished"):
+        Store(tmp_path / "s.zarr").require_complete()
+
+
+def test_text_running_out_shrinks_the_store(tmp_path):
+    w = small_writer(tmp_path / "s.zarr", n_rows=96)
+    x = np.ones((32, 4), np.float32)
+    tok = np.arange(32, dtype=np.int32)
+    w.write_chunk(0, x, x, tok, tok == 0)
+    w.write_chunk(1, x[:16], x[:16], tok[:16], tok[:16] == 0)
+    w.finalize(48)
+    w.close()
+    s = Store(tmp_path / "s.zarr")
+    assert s.complete and s.n_rows == 48 and s.source.shape == (48, 4) and s.n_chunks == 2
+    assert s.tokens.tolist() == list(range(32)) + list(range(16))
+
+
+def test_second_writer_is_refused_and_dead_writer_lock_taken_over(tmp_path):
+    path = tmp_path / "s.zarr"
+    w = small_writer(path)
+    with pytest.raises(UserError, match="another tc process"):
+        StoreWriter.reopen(path)
+    w.close()
+    (path / ".tc-writer.lock").write_text(f"{__import__('socket').gethostname()} 999999999")   # a dead pid
+    StoreWriter.reopen(path).close()
+
+
+def test_vocab_round_trips_unicode(tmp_path):
+    w = small_writer(tmp_path / "s.zarr")
+    w.close()
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    off, blob = g["vocab/offsets"][:], g["vocab/bytes"][:].tobytes()
+    assert [blob[off[i]:off[i + 1]].decode() for i in range(3)] == ["a", "é", " b"]
+
+
+def test_not_a_store_is_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match="not a tc activation store"):
+        Store(tmp_path)
+
+
+def test_rows_map_to_sequences(synthetic_store):
+    s = Store(synthetic_store)
+    starts = np.arange(0, s.n_rows, s.seq_len)
+    assert (s.tokens[starts] == BOS_ID).all()
+    assert s.sequence_start(starts[3] + 5) == starts[3]
+    r = s.read_chunk(2)
+    assert r.start == 2 * s.chunk_rows and len(r.tokens) == s.chunk_rows
+    np.testing.assert_array_equal(r.tokens, s.tokens[r.start:r.start + s.chunk_rows])
