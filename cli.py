@@ -116,13 +116,43 @@ def register(typer_app: typer.Typer, name: str, cfg_cls: type, run: Callable[[An
 
 
 def _register_all() -> None:
-    from pipeline import cache
+    from pipeline import cache, demo, evaluate, export, samples, train
+
+    register(app, "demo", demo.DemoConfig, demo.run_demo,
+             "The whole pipeline on the packaged Gemma 3 270M and CPython's docs, in about ten minutes on a laptop CPU.")
 
     register(app, "cache", cache.CacheConfig, cache.run_cache,
              "Stage one: run the model once and write source/target activations and token ids to a Zarr store.")
+    register(app, "train", train.TrainConfig, train.run_train,
+             "Stage two: train a Matryoshka BatchTopK transcoder from a store.")
+    register(app, "eval", evaluate.EvalConfig, evaluate.run_eval,
+             "Measure a trained transcoder: FVU per prefix, L0, dead features, and the model's loss with it spliced in.")
+    register(samples_app, "collect", samples.CollectConfig, samples.run_collect,
+             "Exact top activations, interval samples, histograms and density of every feature over the store.")
+    register(samples_app, "export", export.ExportConfig, export.run_export,
+             "Write feature samples as JSON or as an offline HTML feature browser.")
+
+
+@samples_app.command("show")
+def samples_show(run: Path = typer.Argument(..., help="Run folder made by tc train."),
+                 feature: int = typer.Argument(..., help="Feature index."),
+                 n: int = typer.Option(10, "--n", help="Samples to print."),
+                 context: int = typer.Option(20, "--context", help="Tokens of context per sample.")) -> None:
+    """Print one feature's strongest samples in the terminal, the activating token highlighted."""
+    from pipeline.export import show_feature
+
+    typer.echo(guarded(lambda: show_feature(run, feature, n=n, context=context)))
 
 
 _register_all()
+
+
+@app.command("info")
+def info(path: Path = typer.Argument(..., help="A store (tc cache) or a run folder (tc train).")) -> None:
+    """Describe a store or a run folder: what made it, its size, its state, its metrics at a glance."""
+    from pipeline.info import describe
+
+    typer.echo(guarded(lambda: describe(path)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""Stage one speed: `tc cache` end to end vs. the bare truncated forward, in one process.
+
+Both use the same loaded model, the same sequences and the same batch size. The baseline runs
+only `forward_hooks` on pre-tokenized batches; `tc cache` adds tokenization, the fp16 cast,
+statistics and the (background) Zarr writes. Ratio = cache tokens/s / forward tokens/s.
+
+    python bench/bench_cache.py --model tiny --tokens 100k
+    python bench/bench_cache.py --model gemma-3-270m --tokens 50k --seq-len 256 --layer 6
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import cache, forward, models, text
+from pipeline.cache import CacheConfig
+from pipeline.util import parse_count
+
+
+def bare_forward(lm, cfg: CacheConfig, hooks: list[str]) -> float:
+    """Tokens/s of the truncated forward alone, over the sequences the cache will write."""
+    n_seqs = -(-cfg.tokens // cfg.seq_len)
+    seqs = text.pack_sequences(text.iter_documents(cfg.dataset), lm.tokenizer, cfg.seq_len, lm.bos_id)
+    batches = list(cache.batches(seqs, n_seqs, cfg.batch_size))
+    t0 = time.perf_counter()
+    for _, toks in batches:
+        forward.forward_hooks(lm, torch.from_numpy(toks), cfg.layer, hooks)
+    return sum(len(t) for _, t in batches) * cfg.seq_len / (time.perf_counter() - t0)
+
+
+def cache_end_to_end(lm, cfg: CacheConfig, hooks: list[str]) -> tuple[float, dict]:
+    """Tokens/s of stage one from text to a complete store, the model already loaded."""
+    out = cfg.resolved_out()
+    t0 = time.perf_counter()
+    writer = cache.open_writer(cfg, out, "create", lm, hooks)
+    try:
+        docs = text.iter_documents(cfg.dataset)
+        result = cache.write_store(cfg, writer, lm, hooks, docs)
+    finally:
+        writer.close()
+    return result["tokens"] / (time.perf_counter() - t0), result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--layer", type=int, default=1)
+    ap.add_argument("--tokens", default="100k")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", help="write the results here too")
+    args = ap.parse_args()
+
+    lm = models.load_model(args.model)
+    tmp = Path(tempfile.mkdtemp(prefix="tc-bench-cache-"))
+    cfg = CacheConfig(model=args.model, dataset="python-docs", layer=args.layer, tokens=parse_count(args.tokens),
+                      seq_len=args.seq_len, batch_size=args.batch_size, out=str(tmp / "s.zarr"))
+    hooks = forward.check_hooks(lm, cfg.layer, [cfg.source, cfg.target])
+    bare_forward(lm, cfg, hooks)   # warm-up: first calls allocate
+    fwd, e2e = [], []
+    for _ in range(args.repeats):   # interleaved, so drift in machine load hits both alike
+        fwd.append(bare_forward(lm, cfg, hooks))
+        shutil.rmtree(tmp / "s.zarr", ignore_errors=True)
+        rate, result = cache_end_to_end(lm, cfg, hooks)
+        e2e.append(rate)
+    raw_fp16 = 2 * 2 * lm.d_model   # source + target, 2 bytes each
+    summary = {
+        "model": args.model, "d_model": lm.d_model, "tokens": result["tokens"], "seq_len": args.seq_len,
+        "batch_size": args.batch_size, "repeats": args.repeats,
+        "forward_tok_s": float(np.median(fwd)), "cache_tok_s": float(np.median(e2e)),
+        "ratio": float(np.median(e2e) / np.median(fwd)),
+        "bytes_per_token": result["bytes_per_token"], "raw_fp16_bytes_per_token": raw_fp16,
+        "bytes_vs_raw_fp16": result["bytes_per_token"] / raw_fp16,
+        "torch_threads": torch.get_num_threads(),
+    }
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(summary, indent=2))
+    print(f"\n{args.model}: cache {summary['cache_tok_s']:,.0f} tok/s vs bare forward {summary['forward_tok_s']:,.0f} "
+          f"tok/s -> ratio {summary['ratio']:.2f} (target >= 0.90); {summary['bytes_per_token']:.0f} bytes/token "
+          f"= {summary['bytes_vs_raw_fp16']:.3f}x raw fp16")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""`tc info PATH`: what a store or a run folder is, what made it, and what state it is in."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.store import Store, is_store
+from pipeline.util import UserError
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def describe(path: str | Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist: give a store (tc cache --out) or a run folder (tc train --out)")
+    if is_store(path):
+        return "\n".join(describe_store(path))
+    if (path / "config.json").exists() and ((path / "checkpoints").exists() or (path / "metrics.jsonl").exists()):
+        return "\n".join(describe_run(path))
+    raise UserError(f"{path} is neither a tc store nor a tc run folder")
+
+
+def cache_command(config: dict[str, Any]) -> str:
+    """The `tc cache` command that continues (or repeats) the store's run."""
+    parts = ["tc cache"]
+    for key, value in config.items():
+        if value is None or value is False or key in ("overwrite",):
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts.append(flag if value is True else f"{flag} {value}")
+    return " ".join(parts)
+
+
+def describe_store(path: Path) -> list[str]:
+    s = Store(path)
+    a = s.attrs
+    lines = [f"store      {path}  (tc-store v{a['schema_version']}, {folder_bytes(path) / 1e6:,.1f} MB on disk)",
+             f"model      {a.get('model')} ({a.get('hf_name')}), layer {a.get('layer')}, d_model {s.d_model}",
+             f"hooks      {a['hooks']['source']} -> {a['hooks']['target']}",
+             f"text       {json.dumps(a.get('dataset'))}",
+             f"layout     seq_len {s.seq_len}, {s.chunk_rows} rows per chunk, fp16 (computed in {a.get('compute_dtype')})"]
+    if s.complete:
+        st = a["stats"]
+        lines += [f"state      complete: {s.n_rows:,} tokens in {s.n_chunks} chunks",
+                  f"stats      mean norm source {st['source']['mean_norm']:,.1f}, target {st['target']['mean_norm']:,.1f} "
+                  f"over {st['source']['count']:,} rows; {a.get('n_bos_rows', 0):,} BOS rows, "
+                  f"{a['overflow']['rows']:,} rows clamped to fp16"]
+    else:
+        done = int(s.group["chunk_meta"][:, 0].sum())
+        total = s.group["chunk_meta"].shape[0]
+        lines += [f"state      interrupted: {done} of {total} chunks written ({done * s.chunk_rows:,} of "
+                  f"{a['n_rows_planned']:,} tokens); resumable",
+                  f"resume     {cache_command(a.get('config', {}))}"]
+    v = a.get("versions", {})
+    lines.append("made by    " + ", ".join(f"{k} {v[k]}" for k in ("tc", "torch", "transformers", "transformer-lens", "zarr") if k in v))
+    return lines
+
+
+def last_metrics(path: Path) -> dict[str, Any] | None:
+    metrics = path / "metrics.jsonl"
+    if not metrics.exists():
+        return None
+    rows = [line for line in metrics.read_text().splitlines() if line.strip()]
+    return json.loads(rows[-1]) if rows else None
+
+
+def describe_run(path: Path) -> list[str]:
+    cfg = json.loads((path / "config.json").read_text())
+    store = cfg.get("store", {})
+    groups = cfg.get("groups")
+    lines = [f"run        {path}  ({folder_bytes(path) / 1e6:,.1f} MB on disk)",
+             f"store      {cfg.get('cache')} ({store.get('model')}, layer {store.get('layer')}, "
+             f"{store.get('n_rows', 0):,} rows)",
+             f"dictionary {cfg.get('dict_size'):,} latents, groups {groups}, k {cfg.get('k')}, lr {cfg.get('lr')}, "
+             f"batch {cfg.get('batch_size')}"]
+    latest = path / "checkpoints" / "latest"
+    step = None
+    if latest.exists():
+        step = latest.read_text().strip()
+    total = cfg.get("total_steps")
+    if (path / "summary.json").exists():
+        lines.append(f"state      complete: {total} steps")
+    elif step:
+        lines.append(f"state      interrupted at {step} of {total} steps; resume with "
+                     f"`tc train --cache {cfg.get('cache')} --resume {path}`")
+    else:
+        lines.append("state      started, no checkpoint yet: start again")
+    m = last_metrics(path)
+    if m:
+        lines.append(f"metrics    step {m.get('step')}: loss {m.get('loss'):.4g}, FVU {m.get('fvu'):.4f}, "
+                     f"L0 {m.get('l0'):.1f}, dead {m.get('dead_features')}")
+    if (path / "eval.json").exists():
+        ev = json.loads((path / "eval.json").read_text())
+        fr = ev.get("lm", {}).get("fraction_recovered", ev.get("fraction_recovered"))
+        if fr is not None:
+            lines.append(f"eval       fraction of loss recovered {fr:.3f}")
+    extras = [name for name in ("activation_samples", "samples", "export") if (path / name).exists()]
+    if extras:
+        lines.append("samples    " + ", ".join(extras))
+    v = cfg.get("versions", {})
+    lines.append("made by    " + ", ".join(f"{k} {v[k]}" for k in ("tc", "torch", "zarr") if k in v))
+    return lines
