@@ -15,7 +15,6 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import click
 import typer
 
 from pipeline.util import UserError
@@ -73,13 +72,14 @@ def config_params(cfg_cls: type) -> list[inspect.Parameter]:
     return params
 
 
-def build_config(cfg_cls: type, values: dict[str, Any], ctx: click.Context) -> Any:
+def build_config(cfg_cls: type, values: dict[str, Any], ctx: typer.Context) -> Any:
     """Command line > config file > defaults; then each field's parser."""
     config_file = values.pop("config", None)
     if config_file is not None:
         file_values = read_toml(config_file, cfg_cls)
         for name, value in file_values.items():
-            if ctx.get_parameter_source(name) != click.core.ParameterSource.COMMANDLINE:
+            source = ctx.get_parameter_source(name)   # typer may vendor its own click: compare by name
+            if getattr(source, "name", None) != "COMMANDLINE":
                 values[name] = value
     for f in dataclasses.fields(cfg_cls):
         parse = f.metadata.get("parse")
