@@ -1,0 +1,435 @@
+"""The Matryoshka BatchTopK transcoder: one nn.Module, `forward(x_in, y_target)` on normalised rows.
+
+Shapes: B rows in a batch, d_in source width, d_out target width, L = d_latent latents,
+G Matryoshka groups (sizes `groups`, summing to L), nnz active (row, latent) pairs in a batch.
+
+Choices (also in docs/transcoder.md):
+- Normalisation: source and target each use their OWN store statistics: subtract the per-dim mean,
+  divide by one scalar scale = sqrt(sum of per-dim variances / d), so E||x_n||^2 = d. Predictions
+  are de-normalised with the TARGET's mean and scale.
+- Encoder: pre = x_n W_enc^T + b_enc. Training keeps the k*B largest positive pre-activations of
+  the whole batch (BatchTopK). Inference keeps pre > `threshold`, a batch-independent cutoff
+  estimated during training as an EMA of the smallest activation kept per batch (decay
+  n / (10 + n) after n batches, capped at 0.99, so short runs are not biased by their start).
+- Sparse compute: the dense pre-activations are computed once without autograd (to choose the
+  active set); the backward of encoder and decoder only touches the nnz active pairs
+  (O(nnz * d) instead of O(B * L * d)). `dense=True` runs the plain dense reference instead.
+- Matryoshka loss: for every prefix boundary m_i (cumulative group sizes) the MSE (mean over rows
+  and dims, normalised space) of the target from latents < m_i plus b_dec. The total is the MEAN
+  of the G prefix terms (each prefix weighted equally), plus aux_coef * AuxK loss.
+- Dead latents: a latent that has not fired for `dead_tokens` training tokens is dead. AuxK
+  (Gao et al. 2024): per row, the top `aux_k` positive pre-activations among dead latents
+  reconstruct the DETACHED residual (y_n - full prediction).detach(); its MSE is scaled by aux_coef.
+- Decoder rows have unit norm: `project_decoder_grad()` removes each row's gradient component
+  parallel to the row before the optimiser step, `normalize_decoder()` renormalises after it.
+- Init: W_dec rows random unit vectors; W_enc rows = 0.1 x W_dec rows when d_in == d_out (tied
+  init, as Gao et al., scaled down), else independent random vectors of norm 0.1; b_enc = 0,
+  b_dec = 0 (the normalised target's mean is 0). The small encoder keeps the first predictions near
+  0: with unit rows a transcoder's random first codes add noise (FVU 2-4 at step 0) and it learned
+  more slowly in our measurements.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FORMAT = "tc-transcoder"
+FORMAT_VERSION = 1
+THRESHOLD_DECAY = 0.99   # EMA decay of the inference threshold (after a warm start, see _update_stats)
+CANDIDATE_STRIDE = 61    # subsample stride used to find a cheap lower bound for the BatchTopK cutoff
+ENCODER_INIT_SCALE = 0.1  # encoder rows start at this norm (decoder rows at 1)
+GATHER_CHUNK = 8192      # entries per chunk in the decoder backward (bounds nnz x d temporaries)
+
+
+@dataclass
+class TranscoderOutput:
+    """What one forward pass returns. Tensors, so nothing forces a GPU sync until it is logged."""
+    loss: Tensor          # () mean of prefix MSEs + aux_coef * aux_loss (has grad)
+    mse: Tensor           # (G,) MSE of prefix i (latents < m_i) in normalised space (has grad)
+    aux_loss: Tensor      # () AuxK MSE on the detached residual (0 when no latent is dead)
+    fvu: Tensor           # () fraction of variance unexplained by the full prediction (detached)
+    fvu_levels: Tensor    # (G,) FVU of each prefix (detached); fvu_levels[-1] == fvu
+    l0: Tensor            # () mean number of active latents per row
+    rows: Tensor          # (nnz,) int64 batch row of each active pair, sorted by (group, row, latent)
+    cols: Tensor          # (nnz,) int64 latent index of each active pair
+    vals: Tensor          # (nnz,) activation value of each active pair (detached)
+    pred: Tensor          # (B, d_out) full prediction, normalised space (detached)
+
+
+# ----------------------------------------------------------------------------- sparse kernels
+
+def segment_offsets(sorted_ids: Tensor, n_segments: int) -> Tensor:
+    """Start offset of each segment 0..n-1 in an array sorted by segment id: (n_segments,)."""
+    counts = torch.bincount(sorted_ids, minlength=n_segments)
+    return counts.cumsum(0) - counts
+
+
+class SparseEncode(torch.autograd.Function):
+    """vals[e] = x[rows[e]] . W_enc[cols[e]] + b_enc[cols[e]], values already known from the dense
+    no-grad pass; the backward costs O(nnz * d) instead of a dense (L, B) x (B, d) matmul."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_enc: Tensor, b_enc: Tensor, rows: Tensor, cols: Tensor,
+                vals: Tensor, col_order: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w_enc, rows, cols, col_order)
+        return vals.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # grad: (nnz,)
+        x, w_enc, rows, cols, col_order = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.zeros_like(x).index_add_(0, rows, w_enc[cols] * grad[:, None])
+        if ctx.needs_input_grad[1]:
+            # row l of the gradient is the sum of g_e * x[rows_e] over the entries of latent l
+            offsets = segment_offsets(cols[col_order], w_enc.shape[0])
+            grad_w = F.embedding_bag(rows[col_order], x, offsets, mode="sum",
+                                     per_sample_weights=grad[col_order])
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(w_enc.shape[0], dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+class SparseDecode(torch.autograd.Function):
+    """out[bag] = sum over entries e of that bag of vals[e] * W_dec[cols[e]]: (n_bags, d_out).
+    Entries must be sorted by bag. Gradients touch only the nnz active decoder rows."""
+
+    @staticmethod
+    def forward(ctx, vals: Tensor, w_dec: Tensor, cols: Tensor, bags: Tensor, n_bags: int,
+                col_order: Tensor) -> Tensor:
+        offsets = segment_offsets(bags, n_bags)
+        ctx.save_for_backward(vals, w_dec, cols, bags, col_order, offsets)
+        return F.embedding_bag(cols, w_dec, offsets, mode="sum", per_sample_weights=vals)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # grad_out: (n_bags, d_out)
+        vals, w_dec, cols, bags, col_order, offsets = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_vals = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_vals = per_sample_weight_grad(grad_out, w_dec, cols, bags, offsets)
+        if ctx.needs_input_grad[1]:
+            offsets = segment_offsets(cols[col_order], w_dec.shape[0])
+            grad_w = F.embedding_bag(bags[col_order], grad_out, offsets, mode="sum",
+                                     per_sample_weights=vals[col_order])
+        return grad_vals, grad_w, None, None, None, None
+
+
+def batch_topk_indices(flat: Tensor, n_keep: int) -> Tensor:
+    """Ascending indices of the n_keep largest POSITIVE values of `flat` (ties at the cutoff all
+    kept). A strided subsample gives a cheap lower bound c, so the exact top-n_keep is found among
+    the few values >= c instead of over everything; exact either way (falls back when c is too high)."""
+    tiny = torch.finfo(flat.dtype).tiny
+    if n_keep >= flat.numel():
+        return (flat > 0).nonzero().squeeze(1)
+    sample = flat[::CANDIDATE_STRIDE]
+    q = min(sample.numel(), int(1.5 * n_keep / CANDIDATE_STRIDE) + 64)
+    c = sample.topk(q, sorted=False).values.min().clamp(min=tiny)
+    cand = (flat >= c).nonzero().squeeze(1)                    # one pass over B * L
+    if len(cand) < n_keep:
+        if float(c) <= tiny:                                   # fewer positives than n_keep: keep all
+            return cand
+        cut = flat.topk(n_keep, sorted=False).values.min().clamp(min=tiny)
+        return (flat >= cut).nonzero().squeeze(1)
+    vals = flat[cand]
+    cut = vals.topk(n_keep, sorted=False).values.min()
+    return cand[vals >= cut]
+
+
+def per_sample_weight_grad(grad_out: Tensor, weight: Tensor, cols: Tensor, bags: Tensor,
+                           offsets: Tensor) -> Tensor:
+    """grad_vals[e] = grad_out[bags[e]] . weight[cols[e]] without (nnz, d) temporaries when torch's
+    embedding-bag kernel is available (several times faster than gathering), else in chunks."""
+    try:
+        return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            grad_out, weight, cols, offsets, bags, 0, -1)      # mode 0 = sum
+    except (AttributeError, RuntimeError, NotImplementedError):
+        out = torch.empty(len(cols), dtype=grad_out.dtype, device=grad_out.device)
+        for a in range(0, len(cols), GATHER_CHUNK):
+            b = a + GATHER_CHUNK
+            out[a:b] = (grad_out[bags[a:b]] * weight[cols[a:b]]).sum(-1)
+        return out
+
+
+# ----------------------------------------------------------------------------- the module
+
+class Transcoder(nn.Module):
+    def __init__(self, d_in: int, d_out: int, groups: list[int], k: int, *, aux_k: int = 512,
+                 aux_coef: float = 1 / 32, dead_tokens: int = 100_000, dense: bool = False,
+                 meta: dict[str, Any] | None = None, seed: int | None = None):
+        super().__init__()
+        if sum(groups) <= 0 or any(g <= 0 for g in groups):
+            raise ValueError(f"groups must be positive sizes, got {groups}")
+        self.d_in, self.d_out, self.k = d_in, d_out, k
+        self.aux_k, self.aux_coef, self.dead_tokens, self.dense = aux_k, aux_coef, dead_tokens, dense
+        self.meta = dict(meta or {})   # model, layer, hooks: recorded in the safetensors metadata
+        self.set_groups(groups)
+        L = self.d_latent
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        w_dec = torch.randn(L, d_out, generator=gen)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        if d_in == d_out:
+            w_enc = w_dec.clone()
+        else:
+            w_enc = torch.randn(L, d_in, generator=gen)
+            w_enc /= w_enc.norm(dim=1, keepdim=True)
+        # small first activations: the first predictions are near 0 (FVU ~1, not ~2-4 as with
+        # unit encoder rows, whose random codes add noise in the target space); measured to learn faster
+        w_enc *= ENCODER_INIT_SCALE
+        self.W_enc = nn.Parameter(w_enc)                  # (L, d_in)
+        self.b_enc = nn.Parameter(torch.zeros(L))         # (L,)
+        self.W_dec = nn.Parameter(w_dec)                  # (L, d_out)
+        self.b_dec = nn.Parameter(torch.zeros(d_out))     # (d_out,)
+        self.register_buffer("threshold", torch.tensor(0.0))   # 0 = not estimated yet
+        self.register_buffer("source_mean", torch.zeros(d_in))
+        self.register_buffer("source_scale", torch.tensor(1.0))
+        self.register_buffer("target_mean", torch.zeros(d_out))
+        self.register_buffer("target_scale", torch.tensor(1.0))
+        # training state (saved in checkpoints, not in the exported layout)
+        self.register_buffer("tokens_since_fired", torch.zeros(L, dtype=torch.int64))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
+
+    # -- configuration
+
+    def set_groups(self, groups: list[int]) -> None:
+        """Group sizes (sum = d_latent). Changing them on a trained model re-cuts the prefixes."""
+        groups = [int(g) for g in groups]
+        if hasattr(self, "W_enc") and sum(groups) != self.d_latent:
+            raise ValueError(f"groups {groups} do not sum to d_latent {self.d_latent}")
+        self.groups = groups
+        self.d_latent = sum(groups)
+        self.boundaries = [sum(groups[: i + 1]) for i in range(len(groups))]   # prefix ends m_i
+        starts = torch.tensor([0] + self.boundaries[:-1])
+        self._group_starts = starts   # (G,) first latent of each group (CPU; moved on use)
+
+    def set_normalization(self, source_mean: Tensor, source_scale: float, target_mean: Tensor,
+                          target_scale: float) -> None:
+        self.source_mean.copy_(torch.as_tensor(source_mean, dtype=torch.float32))
+        self.source_scale.fill_(float(source_scale))
+        self.target_mean.copy_(torch.as_tensor(target_mean, dtype=torch.float32))
+        self.target_scale.fill_(float(target_scale))
+
+    # -- normalisation
+
+    def normalize_source(self, x: Tensor) -> Tensor:
+        return (x.float() - self.source_mean) / self.source_scale
+
+    def normalize_target(self, y: Tensor) -> Tensor:
+        return (y.float() - self.target_mean) / self.target_scale
+
+    def denormalize_target(self, y_n: Tensor) -> Tensor:
+        """Normalised prediction -> target units, with the TARGET's statistics."""
+        return y_n * self.target_scale + self.target_mean
+
+    # -- selection
+
+    def _pre(self, x_n: Tensor) -> Tensor:
+        return torch.addmm(self.b_enc, x_n, self.W_enc.t())   # (B, L), no relu: cutoffs are > 0
+
+    def _select(self, pre: Tensor, use_threshold: bool) -> tuple[Tensor, Tensor]:
+        """Active (rows, cols), sorted by (group, row, latent). pre: (B, L), no grad."""
+        B, L = pre.shape
+        flat = pre.reshape(-1)
+        if use_threshold:
+            cut = self.threshold.clamp(min=torch.finfo(pre.dtype).tiny)
+            idx = (flat > cut).nonzero().squeeze(1)
+        else:
+            idx = batch_topk_indices(flat, self.k * B)
+        rows, cols = idx // L, idx % L                 # row-major: sorted by (row, latent)
+        if len(self.groups) > 1:
+            # regroup by latent group; boolean selection keeps the row order inside each group
+            group = self.group_of(cols)
+            parts = [(group == g).nonzero().squeeze(1) for g in range(len(self.groups))]
+            order = torch.cat(parts)
+            rows, cols = rows[order], cols[order]
+        return rows, cols
+
+    def group_of(self, cols: Tensor) -> Tensor:
+        return torch.bucketize(cols, self._group_starts.to(cols.device), right=True) - 1
+
+    # -- forward
+
+    def forward(self, x_n: Tensor, y_n: Tensor, use_threshold: bool = False,
+                update_stats: bool | None = None) -> TranscoderOutput:
+        """x_n: (B, d_in), y_n: (B, d_out), both NORMALISED. BatchTopK unless use_threshold.
+        update_stats (default: self.training) updates dead-latent counters and the threshold."""
+        if update_stats is None:
+            update_stats = self.training
+        B = x_n.shape[0]
+        G = len(self.groups)
+        with torch.no_grad():
+            pre = self._pre(x_n)                                       # (B, L)
+            rows, cols = self._select(pre, use_threshold)              # (nnz,), (nnz,)
+            raw_vals = pre[rows, cols]                                 # (nnz,) all > 0
+        if self.dense:
+            parts, vals = self._dense_decode(x_n, rows, cols, pre)     # (G, B, d_out)
+        else:
+            col_order = torch.argsort(cols)
+            vals = SparseEncode.apply(x_n, self.W_enc, self.b_enc, rows, cols, raw_vals, col_order)
+            bags = self.group_of(cols) * B + rows                      # sorted by construction
+            parts = SparseDecode.apply(vals, self.W_dec, cols, bags, G * B, col_order)
+            parts = parts.view(G, B, self.d_out)
+        preds = parts.cumsum(0) + self.b_dec                           # (G, B, d_out) prefix i
+        err = y_n.unsqueeze(0) - preds
+        mse = err.pow(2).mean(dim=(1, 2))                              # (G,)
+        aux = self._aux_loss(x_n, y_n, preds[-1], pre)
+        loss = mse.mean() + self.aux_coef * aux
+        with torch.no_grad():
+            total_var = (y_n - y_n.mean(0)).pow(2).sum().clamp(min=1e-12)
+            fvu_levels = err.detach().pow(2).sum(dim=(1, 2)) / total_var
+            if update_stats:
+                self._update_stats(cols, raw_vals, B)
+        return TranscoderOutput(loss=loss, mse=mse, aux_loss=aux, fvu=fvu_levels[-1], fvu_levels=fvu_levels,
+                                l0=torch.tensor(len(cols) / B), rows=rows, cols=cols, vals=raw_vals,
+                                pred=preds[-1].detach())
+
+    def _dense_decode(self, x_n: Tensor, rows: Tensor, cols: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """Reference path (and the SAELens way): dense acts (B, L) @ W_dec per group."""
+        mask = torch.zeros_like(pre)
+        mask[rows, cols] = 1.0
+        acts = torch.relu(x_n @ self.W_enc.t() + self.b_enc) * mask   # (B, L) with grad
+        parts = torch.stack([acts[:, a:b] @ self.W_dec[a:b] for a, b in
+                             zip([0] + self.boundaries[:-1], self.boundaries)])
+        return parts, acts[rows, cols]
+
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.dead_tokens   # (L,) bool
+
+    def _aux_loss(self, x_n: Tensor, y_n: Tensor, full_pred: Tensor, pre: Tensor) -> Tensor:
+        """AuxK: the top aux_k dead latents per row reconstruct the detached residual."""
+        dead = self.dead_mask().nonzero().squeeze(1)               # (n_dead,)
+        if len(dead) == 0 or self.aux_k <= 0 or not torch.is_grad_enabled():
+            return x_n.new_zeros(())
+        residual = (y_n - full_pred).detach()                      # (B, d_out): no grad to the main path
+        B = x_n.shape[0]
+        with torch.no_grad():
+            top = pre[:, dead].topk(min(self.aux_k, len(dead)), dim=1)   # (B, ka)
+            keep = top.values > 0
+            rows = torch.arange(B, device=pre.device)[:, None].expand_as(keep)[keep]   # sorted by row
+            cols = dead[top.indices[keep]]
+            raw_vals = top.values[keep]
+        if len(cols) == 0:
+            return x_n.new_zeros(())
+        if self.dense:
+            acts = torch.relu(x_n @ self.W_enc.t() + self.b_enc)
+            mask = torch.zeros_like(acts)
+            mask[rows, cols] = 1.0
+            aux_pred = (acts * mask) @ self.W_dec
+        else:
+            col_order = torch.argsort(cols)
+            vals = SparseEncode.apply(x_n, self.W_enc, self.b_enc, rows, cols, raw_vals, col_order)
+            aux_pred = SparseDecode.apply(vals, self.W_dec, cols, rows, B, col_order)   # (B, d_out)
+        return (residual - aux_pred).pow(2).mean()
+
+    def _update_stats(self, cols: Tensor, vals: Tensor, B: int) -> None:
+        """Dead-latent counters and the inference threshold (EMA of the smallest kept value)."""
+        self.tokens_since_fired += B
+        self.tokens_since_fired[cols] = 0
+        if len(vals):
+            # decay n / (10 + n), capped at THRESHOLD_DECAY: the first batch sets the value and
+            # early (fast-changing) estimates are forgotten quickly; no host sync
+            n = self.threshold_updates.double()
+            decay = torch.clamp(n / (10 + n), max=THRESHOLD_DECAY).to(self.threshold.dtype)
+            self.threshold.copy_(self.threshold * decay + (1 - decay) * vals.min())
+            self.threshold_updates += 1
+
+    # -- decoder norm
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove the part of each decoder row's gradient that would change its norm."""
+        if self.W_dec.grad is not None:
+            w = self.W_dec
+            self.W_dec.grad -= (self.W_dec.grad * w).sum(-1, keepdim=True) * w
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8)
+
+    # -- inference on raw activations
+
+    @torch.no_grad()
+    def encode(self, x_raw: Tensor) -> Tensor:
+        """(B, d_in) raw source -> (B, L) dense activations, threshold rule (batch-independent)."""
+        pre = self._pre(self.normalize_source(x_raw))
+        return torch.where(pre > self.threshold, pre, torch.zeros_like(pre)).clamp(min=0)
+
+    @torch.no_grad()
+    def encode_sparse(self, x_raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, d_in) raw source -> (rows, cols, vals) of the threshold encoding."""
+        pre = self._pre(self.normalize_source(x_raw))
+        rows, cols = self._select(pre, use_threshold=True)
+        return rows, cols, pre[rows, cols]
+
+    @torch.no_grad()
+    def predict(self, x_raw: Tensor) -> Tensor:
+        """(B, d_in) raw source -> (B, d_out) predicted raw target (threshold encoding)."""
+        rows, cols, vals = self.encode_sparse(x_raw)
+        order = torch.argsort(rows, stable=True)
+        y_n = F.embedding_bag(cols[order], self.W_dec, segment_offsets(rows[order], x_raw.shape[0]),
+                              mode="sum", per_sample_weights=vals[order]) + self.b_dec
+        return self.denormalize_target(y_n)
+
+    # -- files
+
+    def save(self, path: str | Path) -> None:
+        """The documented safetensors layout (docs/transcoder.md); written atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {name: getattr(self, name).detach().float().cpu().contiguous() for name in EXPORTED}
+        meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "d_in": str(self.d_in),
+                "d_out": str(self.d_out), "d_latent": str(self.d_latent), "k": str(self.k),
+                "groups": json.dumps(self.groups), "aux_k": str(self.aux_k), "aux_coef": repr(self.aux_coef),
+                "dead_tokens": str(self.dead_tokens),
+                "hooks": json.dumps(self.meta.get("hooks", {})), "meta": json.dumps(self.meta)}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Transcoder":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        from pipeline.util import UserError
+
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"no transcoder at {path}: train one with `tc train`")
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != FORMAT or int(meta.get("format_version", -1)) != FORMAT_VERSION:
+            raise UserError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} file "
+                            f"(found {meta.get('format')} v{meta.get('format_version')})")
+        model = cls(int(meta["d_in"]), int(meta["d_out"]), json.loads(meta["groups"]), int(meta["k"]),
+                    aux_k=int(meta.get("aux_k", 512)), aux_coef=float(meta.get("aux_coef", 1 / 32)),
+                    dead_tokens=int(meta.get("dead_tokens", 100_000)), meta=json.loads(meta.get("meta", "{}")))
+        tensors = load_file(str(path))
+        with torch.no_grad():
+            for name in EXPORTED:
+                getattr(model, name).copy_(tensors[name])
+        return model.to(device)
+
+
+EXPORTED = ["W_enc", "b_enc", "W_dec", "b_dec", "threshold", "source_mean", "source_scale",
+            "target_mean", "target_scale"]
+
+
+def norm_constants(stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Store.stats() -> per-side mean (d,) and scalar scale sqrt(sum(var)/d), so E||x_n||^2 = d."""
+    out = {}
+    for side in ("source", "target"):
+        mean = torch.as_tensor(stats[side]["mean"], dtype=torch.float64)
+        var = torch.as_tensor(stats[side]["var"], dtype=torch.float64)
+        scale = math.sqrt(max(float(var.sum()) / len(var), 1e-12))
+        out[f"{side}_mean"] = mean.float()
+        out[f"{side}_scale"] = scale
+    return out
