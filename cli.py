@@ -32,14 +32,17 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def guarded(fn: Callable[[], Any]) -> Any:
+RESUME = "re-run the same command to continue where it stopped"
+
+
+def guarded(fn: Callable[[], Any], resume: str = RESUME) -> Any:
     """Run a stage: a UserError becomes one line and exit 2; Ctrl-C says how to resume."""
     try:
         return fn()
     except UserError as e:
         raise fail(str(e)) from None
     except KeyboardInterrupt:
-        raise fail("interrupted: re-run the same command to continue where it stopped", 130) from None
+        raise fail(f"interrupted: {resume}", 130) from None
 
 
 def option_type(field_type: Any) -> tuple[Any, bool]:
@@ -104,10 +107,11 @@ def read_toml(path: Path, cfg_cls: type) -> dict[str, Any]:
     return values
 
 
-def register(typer_app: typer.Typer, name: str, cfg_cls: type, run: Callable[[Any], Any], help: str) -> None:
+def register(typer_app: typer.Typer, name: str, cfg_cls: type, run: Callable[[Any], Any], help: str,
+             resume: str = RESUME) -> None:
     """Add a command whose options are the fields of `cfg_cls` and which calls `run(config)`."""
     def command(ctx: typer.Context, **values: Any) -> None:
-        guarded(lambda: run(build_config(cfg_cls, values, ctx)))
+        guarded(lambda: run(build_config(cfg_cls, values, ctx)), resume)
 
     ctx_param = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
     command.__signature__ = inspect.Signature([ctx_param, *config_params(cfg_cls)])
@@ -124,7 +128,8 @@ def _register_all() -> None:
     register(app, "cache", cache.CacheConfig, cache.run_cache,
              "Stage one: run the model once and write source/target activations and token ids to a Zarr store.")
     register(app, "train", train.TrainConfig, train.run_train,
-             "Stage two: train a Matryoshka BatchTopK transcoder from a store.")
+             "Stage two: train a Matryoshka BatchTopK transcoder from a store.",
+             resume="continue from the last checkpoint with `tc train --resume RUN` (RUN: the run folder)")
     register(app, "eval", evaluate.EvalConfig, evaluate.run_eval,
              "Measure a trained transcoder: FVU per prefix, L0, dead features, and the model's loss with it spliced in.")
     register(samples_app, "collect", samples.CollectConfig, samples.run_collect,

@@ -597,6 +597,9 @@ def run_train(cfg: TrainConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.resume is None:
         write_json_atomic(run_dir / "config.json", setup.config)
+    verb = "resuming" if setup.checkpoint is not None else "training"
+    print(f"{verb} {run_dir} ({total:,} steps of {cfg.batch_size:,} tokens); "
+          f"if interrupted: tc train --resume {run_dir}", flush=True)
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
