@@ -11,6 +11,7 @@ import queue
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -140,6 +141,42 @@ class BackgroundWriter:
             raise self.error
 
 
+def prefetch(items: Iterator[Any], depth: int = 4) -> Iterator[Any]:
+    """Produce `items` on a thread, `depth` ahead, so tokenizing overlaps the forward pass.
+    An exception in the producer is raised here, in the consumer, at the same point."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((end, None))
+        except BaseException as e:   # handed to the consumer
+            q.put((end, e))
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
 def batches(seqs: Iterator[np.ndarray], n_seqs: int, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
     """(index of the first sequence, (B, seq_len) tokens) for consecutive batches of the stream."""
     buf: list[np.ndarray] = []
@@ -179,7 +216,7 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
 
 
 def open_writer(cfg: CacheConfig, out: Path, action: str, lm: Any, hooks: list[str]) -> StoreWriter:
-    from pipeline import models, text
+    from pipeline import text
 
     if action == "resume":
         return StoreWriter.reopen(out)
@@ -203,12 +240,15 @@ def open_writer(cfg: CacheConfig, out: Path, action: str, lm: Any, hooks: list[s
         "config": asdict(cfg),
     }
     return StoreWriter.create(out, n_rows=n_rows, d_model=lm.d_model, chunk_rows=chunk_rows, attrs=attrs,
-                              vocab=models.vocab_strings(lm.tokenizer), compress=cfg.compress)
+                              compress=cfg.compress)
 
 
 def write_store(cfg: CacheConfig, writer: StoreWriter, lm: Any, hooks: list[str], docs: Iterator[str]) -> dict[str, Any]:
-    from pipeline import forward, text
+    from pipeline import forward, models, text
 
+    # the vocabulary (a decode of every token id, seconds for 256k ids) is only needed once the
+    # store is complete: compute it beside the forward passes
+    vocab = ThreadPoolExecutor(1).submit(models.vocab_strings, lm.tokenizer)
     seq_len, chunk_rows = cfg.seq_len, writer.chunk_rows
     spc = chunk_rows // seq_len                       # sequences per chunk
     n_seqs = writer.n_rows_planned // seq_len
@@ -222,7 +262,7 @@ def write_store(cfg: CacheConfig, writer: StoreWriter, lm: Any, hooks: list[str]
     t0 = time.perf_counter()
     try:
         seqs = text.pack_sequences(docs, lm.tokenizer, seq_len, lm.bos_id)
-        for first, toks in batches(seqs, n_seqs, cfg.batch_size):
+        for first, toks in prefetch(batches(seqs, n_seqs, cfg.batch_size)):
             seen = first + len(toks)
             chunks = {s // spc for s in range(first, seen)}
             if not chunks & pending:
@@ -246,7 +286,7 @@ def write_store(cfg: CacheConfig, writer: StoreWriter, lm: Any, hooks: list[str]
     if seen == 0:
         raise UserError(f"{cfg.dataset} gave no text long enough for one {seq_len}-token sequence: "
                         "check the dataset, its --text-column, or lower --seq-len")
-    return finish(cfg, writer, min(seen, n_seqs) * seq_len, time.perf_counter() - t0)
+    return finish(cfg, writer, min(seen, n_seqs) * seq_len, time.perf_counter() - t0, vocab.result())
 
 
 def submit_chunk(bg: BackgroundWriter, c: int, parts: list[list[np.ndarray]], bos_id: int) -> None:
@@ -254,10 +294,10 @@ def submit_chunk(bg: BackgroundWriter, c: int, parts: list[list[np.ndarray]], bo
     bg.submit(c, src, tgt, toks, toks == bos_id)
 
 
-def finish(cfg: CacheConfig, writer: StoreWriter, n_rows: int, seconds: float) -> dict[str, Any]:
+def finish(cfg: CacheConfig, writer: StoreWriter, n_rows: int, seconds: float, vocab: list[str]) -> dict[str, Any]:
     planned = writer.n_rows_planned
     fault_point("before_finalize")
-    summary = writer.finalize(n_rows)
+    summary = writer.finalize(n_rows, vocab)
     out = cfg.resolved_out()
     nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     result = {"store": str(out), "tokens": n_rows, "rows": n_rows, "bytes": nbytes,

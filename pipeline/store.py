@@ -166,11 +166,12 @@ class StoreWriter:
         flags = np.where(bos_mask, FLAG_BOS, 0).astype(np.uint8)
         flags |= np.where(src_over | tgt_over, FLAG_OVERFLOW, 0).astype(np.uint8)
         keep = flags == 0
-        # statistics of what is stored (the fp16 values), so a reader can recompute them exactly
-        src = src16[keep].astype(np.float64)
-        tgt = tgt16[keep].astype(np.float64)
-        stats = np.stack([src.sum(0), (src ** 2).sum(0), tgt.sum(0), (tgt ** 2).sum(0)])
-        norms = np.array([np.linalg.norm(src, axis=1).sum(), np.linalg.norm(tgt, axis=1).sum()])
+        # statistics of what is stored (the fp16 values), so a reader can recompute them exactly;
+        # squares of fp16 values are exact in float32, and the sums accumulate in float64
+        src_sum, src_sq, src_norm = chunk_sums(src16[keep])
+        tgt_sum, tgt_sq, tgt_norm = chunk_sums(tgt16[keep])
+        stats = np.stack([src_sum, src_sq, tgt_sum, tgt_sq])
+        norms = np.array([src_norm, tgt_norm])
         g = self.group
         g["source"][start:start + n] = src16
         g["target"][start:start + n] = tgt16
@@ -183,9 +184,12 @@ class StoreWriter:
         g["chunk_meta"][c] = np.array(meta, dtype=np.int64)   # the commit: written last
         fault_point("chunk_committed")
 
-    def finalize(self, n_rows: int) -> dict[str, Any]:
-        """Shrink to the rows written (text may run out early), aggregate statistics, mark complete."""
+    def finalize(self, n_rows: int, vocab: list[str] | None = None) -> dict[str, Any]:
+        """Shrink to the rows written (text may run out early), aggregate statistics, write the
+        vocabulary if given, mark complete."""
         g = self.group
+        if vocab is not None:
+            write_vocab(g, vocab)
         n_chunks = -(-n_rows // self.chunk_rows)
         meta = g["chunk_meta"][:n_chunks]
         if n_chunks and not meta[:, 0].all():
@@ -215,6 +219,13 @@ class StoreWriter:
 
     def close(self) -> None:
         self.lock.release()
+
+
+def chunk_sums(x16: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per-dimension sum and sum of squares, and the sum of row L2 norms, of (n, d) fp16 rows."""
+    x = x16.astype(np.float32)
+    sq = x * x
+    return x.sum(0, dtype=np.float64), sq.sum(0, dtype=np.float64), float(np.sqrt(sq.sum(1, dtype=np.float64)).sum())
 
 
 def to_fp16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
