@@ -6,6 +6,7 @@ statistics and the (background) Zarr writes. Ratio = cache tokens/s / forward to
 
     python bench/bench_cache.py --model tiny --tokens 100k
     python bench/bench_cache.py --model gemma-3-270m --tokens 50k --seq-len 256 --layer 6
+    python bench/bench_cache.py --model gemma-2-2b-random --layer 8 --tokens 1M --seq-len 1024 --device cuda
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 
 from pipeline import cache, forward, models, text
 from pipeline.cache import CacheConfig
-from pipeline.util import parse_count
+from pipeline.util import parse_count, pick_device
 
 
 def bare_forward(lm, cfg: CacheConfig, hooks: list[str]) -> float:
@@ -56,13 +57,16 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
 
-    lm = models.load_model(args.model)
+    device = pick_device(args.device)
+    lm = models.load_model(args.model, device=device)
     tmp = Path(tempfile.mkdtemp(prefix="tc-bench-cache-"))
     cfg = CacheConfig(model=args.model, dataset="python-docs", layer=args.layer, tokens=parse_count(args.tokens),
-                      seq_len=args.seq_len, batch_size=args.batch_size, out=str(tmp / "s.zarr"))
+                      seq_len=args.seq_len, batch_size=args.batch_size, out=str(tmp / "s.zarr"),
+                      device=device)
     hooks = forward.check_hooks(lm, cfg.layer, [cfg.source, cfg.target])
     bare_forward(lm, cfg, hooks)   # warm-up: first calls allocate
     fwd, e2e = [], []
@@ -79,7 +83,7 @@ def main() -> None:
         "ratio": float(np.median(e2e) / np.median(fwd)),
         "bytes_per_token": result["bytes_per_token"], "raw_fp16_bytes_per_token": raw_fp16,
         "bytes_vs_raw_fp16": result["bytes_per_token"] / raw_fp16,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "device": device,
     }
     shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(summary, indent=2))
