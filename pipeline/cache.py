@@ -211,6 +211,11 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     writer = open_writer(cfg, out, action, lm, hooks)
     try:
         return write_store(cfg, writer, lm, hooks, docs)
+    except UserError:
+        if action == "create" and not writer.n_chunks - len(writer.pending_chunks()):
+            writer.close()
+            shutil.rmtree(out)   # made by this run and still empty: leave nothing behind
+        raise
     finally:
         writer.close()
 

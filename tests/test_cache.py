@@ -195,6 +195,7 @@ def test_empty_text_and_unwritable_output(tmp_path):
     base = ["cache", "--model", "tiny", "--layer", "1", "--tokens", "1000", "--seq-len", "64"]
     r = tc_inproc([*base, "--dataset", str(empty), "--out", str(tmp_path / "e.zarr")])
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "e.zarr").exists()
     blocker = tmp_path / "file"
     blocker.write_text("mine")
     r = tc_inproc([*base, "--dataset", "python-docs", "--out", str(blocker / "x.zarr")])
