@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.store import LOCK_NAME, Store, StoreWriter, WriterLock, chunk_rows_for, is_store
-from pipeline.util import UserError, fault_point, opt, parse_count, pick_device
+from pipeline.util import UserError, fault_point, opt, parse_count, pick_device, write_config_toml
 
 # Fields that define what the store holds: a re-run must agree on all of them to resume.
 IDENTITY_FIELDS = ("model", "dataset", "dataset_config", "split", "text_column", "layer", "tokens",
@@ -304,6 +304,7 @@ def finish(cfg: CacheConfig, writer: StoreWriter, n_rows: int, seconds: float, v
     fault_point("before_finalize")
     summary = writer.finalize(n_rows, vocab)
     out = cfg.resolved_out()
+    write_config_toml(out / "tc-cache.toml", cfg)
     nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     result = {"store": str(out), "tokens": n_rows, "rows": n_rows, "bytes": nbytes,
               "bytes_per_token": nbytes / max(n_rows, 1), "seconds": round(seconds, 1),

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.util import opt, parse_count, parse_int_list
+from pipeline.util import opt, parse_count, parse_int_list, write_config_toml
 
 
 @dataclass
@@ -60,6 +60,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     store, run = out / f"{cfg.model}_l{cfg.layer}.zarr", out / "run"
 
+    out.mkdir(parents=True, exist_ok=True)
+    write_config_toml(out / "tc-demo.toml", cfg)
     stages = Stages()
     stages.start(1, "cache", f"{cfg.model} layer {cfg.layer} on {cfg.dataset}, {cfg.tokens:,} tokens -> {store}")
     cache.run_cache(cache.CacheConfig(model=cfg.model, layer=cfg.layer, dataset=cfg.dataset, tokens=cfg.tokens,

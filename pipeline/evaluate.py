@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.store import FLAG_BOS, FLAG_OVERFLOW, Store
-from pipeline.util import UserError, opt, parse_count, pick_device, versions, write_json_atomic
+from pipeline.util import UserError, opt, parse_count, pick_device, versions, write_config_toml, write_json_atomic
 
 # A replacement for the MLP output: (source (B, T, d), clean target (B, T, d)) -> new target (B, T, d).
 # The transcoder is one; the tests splice the identity and zeros through the same code.
@@ -551,6 +551,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         result["lm"] = lm_section(cfg, train_store, store.hooks, lm, transcoder, progress)
     result.update({"seconds": round(time.perf_counter() - t0, 1), "config": asdict(cfg), "versions": versions()})
     write_json_atomic(folder / "eval.json", result)
+    write_config_toml(folder / "tc-eval.toml", cfg)
     plot_fvu(rows, folder / "eval_fvu_per_prefix.png",
              title=f"{folder.name}: FVU per Matryoshka prefix on {rows['n_rows']:,} store rows")
     print(format_table(result))

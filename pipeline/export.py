@@ -22,7 +22,7 @@ from tqdm import tqdm
 from pipeline.samples import (FeatureSamples, build_context, context_starts, encode_rows, load_samples,
                               load_transcoder, open_run_store, require_run, run_config, token_text, top_tokens)
 from pipeline.store import Store
-from pipeline.util import UserError, opt, parse_int_list, pick_device, versions, write_json_atomic
+from pipeline.util import UserError, opt, parse_int_list, pick_device, versions, write_config_toml, write_json_atomic
 
 SCHEMA = "tc-feature-samples"
 SCHEMA_VERSION = 1
@@ -197,6 +197,7 @@ def run_export(cfg: ExportConfig) -> Path:
         raise UserError(f"{out} exists and is a file: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     path = write_json_export(out, index, records) if cfg.format == "json" else write_html(out, index, records)
+    write_config_toml(out / "tc-samples-export.toml", cfg)
     write_json_atomic(out / "export.json", {"config": asdict(cfg), "versions": versions(), "source": index["source"],
                                             "file": path.name, "features": len(records)})
     print(f"exported {len(records)} features ({index['source']} samples) -> {path}")

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from pipeline.store import FLAG_BOS, FLAG_OVERFLOW, Store
-from pipeline.util import UserError, opt, parse_count, pick_device, versions, write_json_atomic
+from pipeline.util import UserError, opt, parse_count, pick_device, versions, write_config_toml, write_json_atomic
 
 NEG = float("-inf")
 TRAINING_DIR = "activation_samples"   # written by the training collector
@@ -604,6 +604,7 @@ def _write_exact(cfg: CollectConfig, st: ExactState, out: Path, ident: dict[str,
                "features_firing": int((fires > 0).sum()), "dead_features": int((fires == 0).sum()),
                "mean_l0": float(fires.sum()) / max(usable, 1)}
     save_tensors_atomic(out / SAMPLES_FILE, t, {"identity": ident})
+    write_config_toml(out / "tc-samples-collect.toml", cfg)
     write_json_atomic(out / EXACT_META, {"complete": True, "identity": ident, "config": asdict(cfg),
                                          "store": store.path, "run": str(run), "versions": versions(),
                                          "summary": summary})

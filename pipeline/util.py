@@ -124,3 +124,28 @@ def fault_point(name: str) -> None:
     if _fault_counts[name] == int(spec.rsplit(":", 1)[1]):
         import signal
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))   # a JSON string is a valid TOML basic string
+
+
+def write_config_toml(path: str | Path, cfg: Any) -> Path:
+    """The resolved config as TOML with option names as keys, so `--config` repeats the command.
+    None values are left out (None is each option's 'not given')."""
+    lines = [f"# written by tc {TC_VERSION}; repeat with: tc <command> --config {Path(path).name}"]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is not None:
+            lines.append(f"{f.name.replace('_', '-')} = {toml_value(value)}")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path

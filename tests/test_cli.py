@@ -96,3 +96,16 @@ def test_info_on_nothing_is_one_line(tmp_path):
     assert r.exit_code == 2 and "does not exist" in r.output
     r = runner.invoke(cli.app, ["info", str(tmp_path)])
     assert r.exit_code == 2 and "neither a tc store nor a tc run folder" in r.output
+
+
+def test_a_store_records_a_config_file_that_repeats_its_command(tmp_path):
+    import tomllib
+
+    out = tmp_path / "t.zarr"
+    args = ["cache", "--model", "tiny", "--dataset", "python-docs", "--layer", "1", "--tokens", "2k",
+            "--seq-len", "64", "--out", str(out)]
+    assert runner.invoke(cli.app, args).exit_code == 0
+    recorded = tomllib.loads((out / "tc-cache.toml").read_text())
+    assert recorded["tokens"] == 2000 and recorded["seq-len"] == 64 and recorded["model"] == "tiny"
+    r = runner.invoke(cli.app, ["cache", "--config", str(out / "tc-cache.toml")])
+    assert r.exit_code == 0 and "already complete" in r.output
