@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.store import FLAG_BOS, FLAG_OVERFLOW, Store
+from pipeline.train import load_transcoder, require_run, run_config
 from pipeline.util import UserError, opt, parse_count, pick_device, versions, write_config_toml, write_json_atomic
 
 # A replacement for the MLP output: (source (B, T, d), clean target (B, T, d)) -> new target (B, T, d).
@@ -437,20 +438,10 @@ def pack_sequences_lazy(docs: Iterable[str], tokenizer: Any, seq_len: int, bos_i
 
 def load_run(run: str | None) -> tuple[Path, dict[str, Any]]:
     """The run folder and its resolved training config; UserError if it is not a finished run."""
-    if not run:
-        raise UserError("no run given: pass --run RUN (a folder made by `tc train`)")
-    folder = Path(run)
-    if not folder.is_dir():
-        raise UserError(f"run folder {folder} does not exist: pass a folder made by `tc train`")
-    if not (folder / "config.json").exists():
-        raise UserError(f"{folder} has no config.json: it is not a `tc train` run folder")
+    folder = require_run(run)
+    config = run_config(folder)
     if not (folder / "transcoder.safetensors").exists():
-        raise UserError(f"{folder} has no transcoder.safetensors: the run has not finished "
-                        "(resume it with `tc train --resume`)")
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{folder}/config.json is not valid JSON ({e})") from None
+        load_transcoder(folder)   # says, in one line, that the run has not finished
     return folder, config
 
 

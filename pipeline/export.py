@@ -20,8 +20,9 @@ import torch
 from tqdm import tqdm
 
 from pipeline.samples import (FeatureSamples, build_context, context_starts, encode_rows, load_samples,
-                              load_transcoder, open_run_store, require_run, run_config, token_text, top_tokens)
+                              token_text, top_tokens)
 from pipeline.store import Store
+from pipeline.train import load_transcoder, open_run_store, require_run, run_config
 from pipeline.util import UserError, opt, parse_int_list, pick_device, versions, write_config_toml, write_json_atomic
 
 SCHEMA = "tc-feature-samples"

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from pipeline.store import FLAG_BOS, FLAG_OVERFLOW, Store
+from pipeline.train import load_transcoder, open_run_store, require_run, run_config
 from pipeline.util import UserError, opt, parse_count, pick_device, versions, write_config_toml, write_json_atomic
 
 NEG = float("-inf")
@@ -343,43 +344,6 @@ def training_summary(col: SampleCollector, state: dict[str, torch.Tensor], n_kep
         "context_diversity": unique / len(contexts) if contexts else 0.0,
         "top_tokens": {str(f["feature"]): [t["token"] for t in f["top_tokens"]] for f in features},
     }
-
-
-# ----------------------------------------------------------------------------- run folders
-
-def require_run(run: str | Path | None) -> Path:
-    if run is None or not str(run).strip():
-        raise UserError("no run folder given: pass --run RUN (the folder `tc train` wrote)")
-    run = Path(run)
-    if not run.is_dir():
-        raise UserError(f"run folder {str(run)!r} does not exist: pass the folder `tc train` wrote (--run RUN)")
-    if not (run / "config.json").exists():
-        raise UserError(f"{run} is not a tc run folder (no config.json): pass the folder `tc train` wrote")
-    return run
-
-
-def run_config(run: Path) -> dict[str, Any]:
-    return json.loads((run / "config.json").read_text())
-
-
-def open_run_store(run: Path, cache: str | None = None) -> Store:
-    """The store a run was trained on (recorded as `cache` in its config.json), or `cache`."""
-    path = cache or run_config(run).get("cache")
-    if not path:
-        raise UserError(f"{run}/config.json records no store: pass --cache STORE")
-    if not Path(path).exists():
-        raise UserError(f"the store {path} of run {run} is not there: pass --cache STORE")
-    return Store(path).require_complete()
-
-
-def load_transcoder(run: Path, device: str | torch.device = "cpu") -> Any:
-    from pipeline.transcoder import Transcoder
-
-    path = run / "transcoder.safetensors"
-    if not path.exists():
-        raise UserError(f"{run} has no final transcoder ({path.name}): finish training first "
-                        f"(`tc train --resume {run}`)")
-    return Transcoder.load(path).to(device).eval()
 
 
 def d_latent_of(tc: Any) -> int:

@@ -686,3 +686,42 @@ def finish(run_dir: Path, model: Transcoder, cfg: TrainConfig, store: Store, col
         "fvu_levels": last.get("fvu_levels"), "l0": last.get("l0"), "dead_features": last.get("dead_features"),
         "dead_fraction": last.get("dead_fraction"), "threshold": float(model.threshold),
         "transcoder": "transcoder.safetensors", "versions": versions()})
+
+
+# ----------------------------------------------------------------------------- reading a run folder
+# (for the stages after training: samples, export, eval)
+
+def require_run(run: str | Path | None) -> Path:
+    if run is None or not str(run).strip():
+        raise UserError("no run folder given: pass --run RUN (the folder `tc train` wrote)")
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"run folder {str(run)!r} does not exist: pass the folder `tc train` wrote (--run RUN)")
+    if not (run / "config.json").exists():
+        raise UserError(f"{run} is not a tc run folder (no config.json): pass the folder `tc train` wrote")
+    return run
+
+
+def run_config(run: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{run}/config.json is not valid JSON ({e})") from None
+
+
+def open_run_store(run: Path, cache: str | None = None) -> Store:
+    """The store a run was trained on (recorded as `cache` in its config.json), or `cache`."""
+    path = cache or run_config(run).get("cache")
+    if not path:
+        raise UserError(f"{run}/config.json records no store: pass --cache STORE")
+    if not Path(path).exists():
+        raise UserError(f"the store {path} of run {run} is not there: pass --cache STORE")
+    return Store(path).require_complete()
+
+
+def load_transcoder(run: Path, device: str | torch.device = "cpu") -> Transcoder:
+    path = run / "transcoder.safetensors"
+    if not path.exists():
+        raise UserError(f"{run} has no final transcoder ({path.name}): finish training first "
+                        f"(`tc train --resume {run}`)")
+    return Transcoder.load(path).to(device).eval()

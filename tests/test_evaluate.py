@@ -268,11 +268,11 @@ def test_store_row_eval_writes_json_and_png(tmp_path, synthetic_store):
 def test_missing_or_unfinished_run_is_a_user_error(tmp_path, synthetic_store):
     with pytest.raises(UserError, match="does not exist"):
         ev.run_eval(ev.EvalConfig(run=str(tmp_path / "nope")))
-    with pytest.raises(UserError, match="no run given"):
+    with pytest.raises(UserError, match="no run folder given"):
         ev.run_eval(ev.EvalConfig())
     run = fake_run(tmp_path, synthetic_store)
     (run / "transcoder.safetensors").unlink()
-    with pytest.raises(UserError, match="has not finished"):
+    with pytest.raises(UserError, match="no final transcoder"):
         ev.run_eval(ev.EvalConfig(run=str(run)))
 
 
