@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--tokens", default="200k")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--eval-tokens", default="20k")
+    ap.add_argument("--lr", type=float, default=3e-3,
+                    help="peak lr (the reference's 3e-4 is for ~4,900 steps; short runs need more)")
     ap.add_argument("--out", default="data/quality")
     args = ap.parse_args()
     out = Path(args.out)
@@ -38,13 +40,14 @@ def main() -> None:
         run = out / name.split()[0]
         if not (run / "summary.json").exists():
             train.run_train(train.TrainConfig(cache=str(store), out=str(run), dict_size=5120, groups=groups, k=48,
-                                              steps=args.steps, warmup_steps=min(200, args.steps // 5),
+                                              steps=args.steps, lr=args.lr, warmup_steps=min(200, args.steps // 5),
                                               log_every=50, checkpoint_every=1000, sample_every=0))
         ev = evaluate.run_eval(evaluate.EvalConfig(run=str(run), tokens=parse_count(args.eval_tokens)))
         results[name] = {"groups": groups, "train": json.loads((run / "summary.json").read_text()),
                          "rows": ev["rows"], "lm": ev.get("lm"),
                          "fvu_at_matryoshka_prefixes": prefix_fvu(run, store)}
     results["seconds"] = round(time.perf_counter() - t0, 1)
+    results["settings"] = {"tokens": args.tokens, "steps": args.steps, "lr": args.lr, "eval_tokens": args.eval_tokens}
     (out / "quality.json").write_text(json.dumps(results, indent=2))
     print(table(results))
 
