@@ -55,6 +55,17 @@ def write_synthetic_store(path: str | Path, n_rows: int = 8192, d_model: int = 3
     return Path(path)
 
 
+@pytest.fixture
+def one_thread():
+    """Small tensors: one torch thread is faster and steadier than two on a 2-core box."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def synthetic_store(tmp_path_factory) -> Path:
     """A complete 8,192-row, d=32 synthetic store shared by the session's tests (read-only!)."""

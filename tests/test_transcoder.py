@@ -18,13 +18,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "transcoder.md"
 GROUPS = [16, 32, 64, 16]   # d_latent 128
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors on a shared 2-core box: one thread is faster and steadier."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(groups=GROUPS, k=4, d=24, seed=0, **kw) -> Transcoder:
