@@ -20,6 +20,7 @@ import time
 import torch
 
 from pipeline.samples import SampleCollector
+from pipeline.train import default_groups, train_step
 from pipeline.transcoder import Transcoder
 from pipeline.util import pick_device
 
@@ -59,23 +60,16 @@ def time_training(a: argparse.Namespace, device: torch.device) -> tuple[float, o
     """Median seconds of one training step at the given shapes, and the last forward output."""
     torch.manual_seed(0)
     d, L, B = a.d_model, a.dict_size, a.batch_size
-    groups = [L // 8, L // 4, L // 2, L - L // 8 - L // 4 - L // 2]
-    model = Transcoder(d, d, groups, a.k, seed=0).to(device)
+    model = Transcoder(d, d, default_groups(L), a.k, seed=0).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=3e-4)
     x, y = torch.randn(B, d, device=device), torch.randn(B, d, device=device)
     state = {}
 
-    def train_step() -> None:
-        out = model(x, y)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        model.project_decoder_grad()
-        opt.step()
-        model.normalize_decoder()
-        state["out"] = out
+    def step() -> None:                                 # the trainer's own step
+        state["out"] = train_step(model, opt, x, y, 3e-4)
 
-    train_step()                                        # warm-up (allocations, kernels)
-    return timed(train_step, device, a.steps), state["out"]
+    step()                                              # warm-up (allocations, kernels)
+    return timed(step, device, a.steps), state["out"]
 
 
 def time_collector(a: argparse.Namespace, device: torch.device, out: object) -> tuple[float, float, float]:
