@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.store import LOCK_NAME, Store, StoreWriter, WriterLock, chunk_rows_for, is_store
+from pipeline.store import LOCK_NAME, Store, StoreWriter, WriterLock, chunk_rows_for, is_store, to_fp16
 from pipeline.util import UserError, fault_point, opt, parse_count, pick_device, write_config_toml
 
 # Fields that define what the store holds: a re-run must agree on all of them to resume.
@@ -262,7 +262,7 @@ def write_store(cfg: CacheConfig, writer: StoreWriter, lm: Any, hooks: list[str]
     bar = tqdm(total=n_seqs * seq_len, initial=min(done_rows, n_seqs * seq_len), unit="tok", unit_scale=True,
                desc=f"cache {cfg.model} L{cfg.layer}", smoothing=0.05)
     bg = BackgroundWriter(writer)
-    buffers: dict[int, list[list[np.ndarray]]] = {}   # chunk -> [source, target, tokens] pieces
+    buffers: dict[int, ChunkBuffer] = {}
     seen = 0
     t0 = time.perf_counter()
     try:
@@ -272,19 +272,21 @@ def write_store(cfg: CacheConfig, writer: StoreWriter, lm: Any, hooks: list[str]
             chunks = {s // spc for s in range(first, seen)}
             if not chunks & pending:
                 continue                              # already on disk: only the tokenizer ran
-            acts = forward.forward_hooks(lm, torch.from_numpy(toks), cfg.layer, hooks)
-            src, tgt = (acts[h].numpy() for h in hooks)
+            acts = forward.forward_hooks(lm, torch.from_numpy(toks), cfg.layer, hooks, on_device=True)
+            (src, src_over), (tgt, tgt_over) = (to_fp16(acts[h]) for h in hooks)   # (B * T, d) rows
             for j in range(len(toks)):
-                c = (first + j) // spc
+                c, slot = divmod(first + j, spc)
                 if c in pending:
-                    buffers.setdefault(c, [[], [], []])
-                    for part, value in zip(buffers[c], (src[j], tgt[j], toks[j])):
-                        part.append(value)
-                    if len(buffers[c][2]) == spc:
-                        submit_chunk(bg, c, buffers.pop(c), lm.bos_id)
+                    rows = slice(j * seq_len, (j + 1) * seq_len)
+                    if c not in buffers:
+                        buffers[c] = ChunkBuffer(spc, seq_len, lm.d_model)
+                    buf = buffers[c]
+                    buf.put(slot, src[rows], tgt[rows], toks[j], src_over[rows], tgt_over[rows])
+                    if buf.full():
+                        bg.submit(c, *buffers.pop(c).parts(lm.bos_id))
             bar.update(len(toks) * seq_len)
-        for c, parts in sorted(buffers.items()):      # text ran out inside this chunk
-            submit_chunk(bg, c, parts, lm.bos_id)
+        for c, buf in sorted(buffers.items()):        # text ran out inside this chunk
+            bg.submit(c, *buf.parts(lm.bos_id))
         bg.close()
     finally:
         bar.close()
@@ -294,9 +296,33 @@ def write_store(cfg: CacheConfig, writer: StoreWriter, lm: Any, hooks: list[str]
     return finish(cfg, writer, min(seen, n_seqs) * seq_len, time.perf_counter() - t0, vocab.result())
 
 
-def submit_chunk(bg: BackgroundWriter, c: int, parts: list[list[np.ndarray]], bos_id: int) -> None:
-    src, tgt, toks = (np.concatenate(p) for p in parts)
-    bg.submit(c, src, tgt, toks, toks == bos_id)
+class ChunkBuffer:
+    """One chunk's rows, filled sequence by sequence (slots in chunk order) until whole."""
+
+    def __init__(self, n_seqs: int, seq_len: int, d_model: int):
+        rows = n_seqs * seq_len
+        self.seq_len, self.filled = seq_len, 0
+        self.source = np.empty((rows, d_model), np.float16)
+        self.target = np.empty((rows, d_model), np.float16)
+        self.tokens = np.empty(rows, np.int64)
+        self.clamped = np.empty((2, rows), bool)
+
+    def put(self, slot: int, source: np.ndarray, target: np.ndarray, tokens: np.ndarray,
+            source_clamped: np.ndarray, target_clamped: np.ndarray) -> None:
+        rows = slice(slot * self.seq_len, (slot + 1) * self.seq_len)
+        self.source[rows], self.target[rows], self.tokens[rows] = source, target, tokens
+        self.clamped[0, rows], self.clamped[1, rows] = source_clamped, target_clamped
+        self.filled = max(self.filled, slot + 1)
+
+    def full(self) -> bool:
+        return self.filled * self.seq_len == len(self.tokens)
+
+    def parts(self, bos_id: int) -> tuple:
+        """write_chunk's arguments after the chunk index: the rows filled so far, in order."""
+        n = self.filled * self.seq_len
+        toks = self.tokens[:n]
+        return (self.source[:n], self.target[:n], toks, toks == bos_id,
+                (self.clamped[0, :n], self.clamped[1, :n]))
 
 
 def finish(cfg: CacheConfig, writer: StoreWriter, n_rows: int, seconds: float, vocab: list[str]) -> dict[str, Any]:

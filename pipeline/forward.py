@@ -66,8 +66,10 @@ def _hook_points(lm: LoadedModel, layer: int, hooks: list[str]) -> dict[str, Any
 
 
 @torch.no_grad()
-def forward_hooks(lm: LoadedModel, tokens: torch.Tensor, layer: int, hooks: list[str]) -> dict[str, torch.Tensor]:
-    """Activations of `hooks` at `layer` for `tokens` (B, T) int64: {full name: float32 CPU (B, T, d_model)}.
+def forward_hooks(lm: LoadedModel, tokens: torch.Tensor, layer: int, hooks: list[str],
+                  on_device: bool = False) -> dict[str, torch.Tensor]:
+    """Activations of `hooks` at `layer` for `tokens` (B, T) int64: {full name: float32 CPU (B, T, d_model)},
+    or with `on_device`, as the model made them (its device and dtype).
 
     Tokens go in as a tensor, so the bridge adds no BOS of its own: position 0 is whatever the
     caller put there. One forward reads every hook, and stops as soon as the last one fires.
@@ -97,4 +99,6 @@ def forward_hooks(lm: LoadedModel, tokens: torch.Tensor, layer: int, hooks: list
     if len(captured) != len(unique):
         missing = [n for n, p in points.items() if id(p) not in captured]
         raise RuntimeError(f"hooks did not fire during the forward: {missing}")
+    if on_device:
+        return {name: captured[id(p)] for name, p in points.items()}
     return {name: captured[id(p)].float().cpu() for name, p in points.items()}

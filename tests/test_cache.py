@@ -141,13 +141,13 @@ def test_different_config_is_refused_unless_overwrite(tiny_store, tmp_path):
 
 def test_second_writer_is_refused(tmp_path):
     out = tmp_path / "w.zarr"
-    proc = subprocess.Popen([sys.executable, "-m", "cli", *TINY_ARGS, "--tokens", "50k", "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *TINY_ARGS, "--tokens", "1M", "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parent.parent)
     try:
         while not (out / "chunk_meta").exists():
             assert proc.poll() is None
             time.sleep(0.05)
-        r = tc([*TINY_ARGS, "--tokens", "50k", "--out", str(out)])
+        r = tc([*TINY_ARGS, "--tokens", "1M", "--out", str(out)])
         assert r.returncode == 2 and "another tc process" in r.stderr
     finally:
         proc.kill()

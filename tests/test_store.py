@@ -4,7 +4,7 @@ import pytest
 import zarr
 
 from conftest import BOS_ID, write_synthetic_store
-from pipeline.store import FLAG_BOS, FLAG_OVERFLOW, FP16_MAX, Store, StoreWriter, chunk_rows_for, to_fp16
+from pipeline.store import CHUNKED_ARRAYS, FLAG_BOS, FLAG_OVERFLOW, FP16_MAX, Store, StoreWriter, chunk_rows_for, to_fp16
 from pipeline.util import UserError
 
 
@@ -40,6 +40,61 @@ def test_fp16_overflow_is_clamped_flagged_and_counted(tmp_path):
     # statistics ignore the BOS row and the clamped rows
     assert s.stats()["source"]["count"] == 29
     np.testing.assert_allclose(s.stats()["source"]["mean"], 1.0)
+
+
+def test_fp16_cast_matches_numpy_for_arrays_and_tensors():
+    import torch
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((64, 8)) * 3e4).astype(np.float32)   # some rows beyond the fp16 range
+    x[0, :4] = [65504.0, 65519.0, 65520.0, -65505.0]               # at and around the limit
+    expected = np.clip(x, -FP16_MAX, FP16_MAX).astype(np.float16)
+    rows = (np.abs(x) > FP16_MAX).any(1)
+    for value in (x, torch.from_numpy(x), torch.from_numpy(x).reshape(8, 8, 8)):
+        y, over = to_fp16(value)
+        assert y.dtype == np.float16 and y.shape == (64, 8)
+        np.testing.assert_array_equal(y.view(np.uint16), expected.view(np.uint16))
+        np.testing.assert_array_equal(over, rows)
+    small = x / 1e3   # within range: the fast path, nothing flagged
+    y, over = to_fp16(torch.from_numpy(small).bfloat16())
+    np.testing.assert_array_equal(y, torch.from_numpy(small).bfloat16().float().numpy().astype(np.float16))
+    assert not over.any()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_stops_the_cast(bad):
+    x = np.ones((4, 4), np.float32)
+    x[2, 3] = bad
+    with pytest.raises(RuntimeError, match="NaN or inf"):
+        to_fp16(x)
+
+
+def test_chunk_files_are_the_bytes_zarr_writes(tmp_path):
+    """tc writes chunks of local uncompressed arrays itself; the files must be zarr's own."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((80, 4)).astype(np.float32)
+    tok = rng.integers(1, 50, 80).astype(np.int32)
+    tok[[0, 40]] = 0   # chunk 2 has no BOS: its flags are all 0, a chunk zarr does not store
+    stores = {}
+    for way in ("tc", "zarr"):
+        path = tmp_path / f"{way}.zarr"
+        w = small_writer(path, n_rows=80)   # the last chunk is partial: 16 of 32 rows
+        if way == "zarr":
+            w.folders = dict.fromkeys(w.folders)   # every array through zarr's own writes
+        else:
+            assert all(w.folders.values())
+        for c in range(3):
+            rows = slice(32 * c, min(32 * c + 32, 80))
+            w.write_chunk(c, x[rows], -x[rows], tok[rows], tok[rows] == 0)
+        w.finalize(80)
+        w.close()
+        stores[way] = {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*")
+                       if p.is_file() and p.relative_to(path).parts[0] in CHUNKED_ARRAYS}
+    assert len(stores["tc"]) > 7 * 2 and any("flags/c/" in k for k in stores["tc"])
+    assert stores["tc"] == stores["zarr"]
+    s = Store(tmp_path / "tc.zarr")
+    np.testing.assert_array_equal(s.source[:], x.astype(np.float16))
+    np.testing.assert_array_equal(s.tokens, tok)
 
 
 def test_nan_activations_stop_the_write(tmp_path):

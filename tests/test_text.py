@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from pipeline.models import load_tokenizer
-from pipeline.text import describe_dataset, iter_documents, pack_sequences, python_docs
+from pipeline.text import (describe_dataset, encode_texts, extract_python_docs, iter_documents, pack_sequences,
+                           python_docs_file)
 from pipeline.util import UserError
 
 BOS = 2
@@ -81,14 +82,22 @@ def test_no_text_gives_no_sequences(tok):
         list(pack_sequences(DOCS, tok, 1, BOS))
 
 
-def test_python_docs_corpus(tok, monkeypatch):
+def test_python_docs_corpus(tok, monkeypatch, tmp_path):
     def no_network(*args, **kwargs):
         raise AssertionError("python-docs must not use the network")
 
     monkeypatch.setattr(socket, "socket", no_network)
-    docs = python_docs()
-    again = list(iter_documents("python-docs"))  # read again from the files, not the cache
-    assert again == docs
+    monkeypatch.setenv("TC_CACHE_DIR", str(tmp_path))
+    saved = python_docs_file()
+    assert not saved.exists()
+    docs = list(iter_documents("python-docs"))   # extracts and saves the corpus
+    assert saved.exists() and str(saved).startswith(str(tmp_path))
+    assert list(extract_python_docs()) == docs   # the saved copy is the stdlib's text, document for document
+    assert list(iter_documents("python-docs")) == docs   # read back from the saved copy
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("TC_CACHE_DIR", str(blocked))   # cannot save: still reads the stdlib
+    assert next(iter_documents("python-docs")) == docs[0]
     from pydoc_data.topics import topics
 
     assert docs[:len(topics)] == [topics[k] for k in sorted(topics)]
@@ -160,3 +169,13 @@ def test_hub_dataset_offline_is_user_error(monkeypatch):
         iter_documents("HuggingFaceFW/fineweb-edu")  # fails at once, not at the first document
     assert "\n" not in str(err.value)
     assert describe_dataset("HuggingFaceFW/fineweb-edu", "train", None)["kind"] == "hf"
+
+
+@pytest.mark.parametrize("model", ["tiny", "gemma-3-270m"])
+def test_fast_encoding_equals_the_tokenizer_call(model):
+    tok = load_tokenizer(model)
+    texts = DOCS + list(itertools.islice(iter_documents("python-docs"), 60)) + ["<bos><eos> <start_of_turn>x", "é 🎉 中文"]
+    expected = tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    tok.backend_tokenizer.encode_special_tokens = False
+    assert encode_texts(tok, texts) == expected
+    assert tok.backend_tokenizer.encode_special_tokens is False   # the tokenizer is left as it was
