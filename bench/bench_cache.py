@@ -50,6 +50,45 @@ def cache_end_to_end(lm, cfg: CacheConfig, hooks: list[str]) -> tuple[float, dic
     return result["tokens"] / (time.perf_counter() - t0), result
 
 
+def side_work(lm, cfg: CacheConfig, hooks: list[str]) -> dict[str, float]:
+    """Seconds of each piece of work `tc cache` adds to the forward, each run alone, one after
+    another, on the same sequences: what has to hide behind the forward for the ratio to reach 1."""
+    from pipeline.store import StoreWriter, to_fp16
+
+    n_seqs = -(-cfg.tokens // cfg.seq_len)
+    out: dict[str, float] = {}
+    t0 = time.perf_counter()
+    seqs = text.pack_sequences(text.iter_documents(cfg.dataset), lm.tokenizer, cfg.seq_len, lm.bos_id)
+    batches = list(cache.batches(seqs, n_seqs, cfg.batch_size))
+    out["tokenize"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    acts = [forward.forward_hooks(lm, torch.from_numpy(toks), cfg.layer, hooks, on_device=True) for _, toks in batches]
+    out["forward"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    casts = [[to_fp16(a[h]) for h in hooks] for a in acts]
+    out["fp16_cast"] = time.perf_counter() - t0
+    src, tgt = (np.concatenate([c[i][0] for c in casts]) for i in range(2))
+    over = [np.concatenate([c[i][1] for c in casts]) for i in range(2)]
+    toks = np.concatenate([t.reshape(-1) for _, t in batches])
+    path = cfg.resolved_out()
+    shutil.rmtree(path, ignore_errors=True)
+    t0 = time.perf_counter()
+    writer = StoreWriter.create(path, n_rows=len(toks), d_model=lm.d_model,
+                                chunk_rows=cache.chunk_rows_for(cfg.seq_len), attrs={"config": {}})
+    out["store_create"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for c in range(writer.n_chunks):
+        rows = slice(c * writer.chunk_rows, (c + 1) * writer.chunk_rows)
+        writer.write_chunk(c, src[rows], tgt[rows], toks[rows], toks[rows] == lm.bos_id,
+                           (over[0][rows], over[1][rows]))
+    out["chunk_writes"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    writer.finalize(len(toks), models.vocab_strings(lm.tokenizer))
+    writer.close()
+    out["vocab_and_finalize"] = time.perf_counter() - t0
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
@@ -60,6 +99,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="back-to-back (forward, cache) pairs")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--threads", type=int, help="torch threads for both sides (default: torch's own, all cores)")
+    ap.add_argument("--breakdown", action="store_true", help="also time each piece of tc's added work alone")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
 
@@ -92,6 +132,11 @@ def main() -> None:
         "bytes_vs_raw_fp16": result["bytes_per_token"] / raw_fp16,
         "torch_threads": torch.get_num_threads(), "device": device,
     }
+    if args.breakdown:
+        parts = side_work(lm, cfg, hooks)
+        added = sum(v for k, v in parts.items() if k != "forward")
+        summary["breakdown_s"] = {k: round(v, 3) for k, v in parts.items()}
+        summary["added_work_vs_forward"] = added / parts["forward"]
     shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(summary, indent=2))
     print(f"\n{args.model}: cache {summary['cache_tok_s']:,.0f} tok/s vs bare forward {summary['forward_tok_s']:,.0f} "

@@ -106,10 +106,16 @@ def load_tokenizer(spec: str) -> Any:
 
 
 def vocab_strings(tokenizer: Any) -> list[str]:
-    """Display text of every token id: the decode of that single id, leading spaces kept."""
-    n = len(tokenizer)
-    return tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
-                                  clean_up_tokenization_spaces=False)
+    """Display text of every token id: the decode of that single id, leading spaces kept.
+
+    A fast tokenizer's Rust backend decodes the ids itself (Gemma's 262k ids: a fraction of a
+    second instead of 2.8 s through the Python wrapper; a test checks both give the same strings).
+    """
+    ids = [[i] for i in range(len(tokenizer))]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "decode_batch"):
+        return backend.decode_batch(ids, skip_special_tokens=False)
+    return tokenizer.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 # ---- Hugging Face ids -------------------------------------------------------------------------

@@ -205,8 +205,12 @@ class StoreWriter:
         if value.flat[0] == 0 and not value.any():   # the first value settles it for almost every chunk
             path.unlink(missing_ok=True)
             return
-        chunk = np.zeros(arr.chunks, dtype=np.dtype(arr.dtype).newbyteorder("<"))
-        chunk[:len(value)] = value
+        dtype = np.dtype(arr.dtype).newbyteorder("<")
+        if len(value) == rows and value.dtype == dtype and value.flags.c_contiguous:
+            chunk = value   # already the chunk's bytes: no copy
+        else:
+            chunk = np.zeros(arr.chunks, dtype=dtype)
+            chunk[:len(value)] = value
         write_file_atomic(path, chunk.data)
 
     def finalize(self, n_rows: int, vocab: list[str] | None = None) -> dict[str, Any]:
@@ -276,10 +280,11 @@ def write_file_atomic(path: Path, data: Any) -> None:
 
 
 def chunk_sums(x16: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """Per-dimension sum and sum of squares, and the sum of row L2 norms, of (n, d) fp16 rows."""
-    x = x16.astype(np.float32)
+    """Per-dimension sum and sum of squares, and the sum of row L2 norms, of (n, d) fp16 rows.
+    In float64, where fp16 values and their squares are exact."""
+    x = x16.astype(np.float64)
     sq = x * x
-    return x.sum(0, dtype=np.float64), sq.sum(0, dtype=np.float64), float(np.sqrt(sq.sum(1, dtype=np.float64)).sum())
+    return x.sum(0), sq.sum(0), float(np.sqrt(sq.sum(1)).sum())
 
 
 def to_fp16(x: Any) -> tuple[np.ndarray, np.ndarray]:

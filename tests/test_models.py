@@ -101,6 +101,16 @@ def test_vocab_strings_keep_leading_spaces(tiny):
     assert strings[ids[0]].startswith(" ")
 
 
+@pytest.mark.parametrize("model", ["tiny", "gemma-3-270m"])
+def test_vocab_strings_equal_the_tokenizers_own_decode(model):
+    tok = load_tokenizer(model)
+    fast = vocab_strings(tok)
+    step = max(1, len(tok) // 4000)   # the Python wrapper is slow on 262k ids: a spread sample of them
+    sample = list(range(0, len(tok), step)) + list(range(min(600, len(tok))))
+    slow = tok.batch_decode([[i] for i in sample], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    assert len(fast) == len(tok) and [fast[i] for i in sample] == slow
+
+
 def test_interrupted_build_leaves_no_folder(tmp_path):
     target = tmp_path / "thing"
     with pytest.raises(KeyboardInterrupt):
