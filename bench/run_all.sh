@@ -9,8 +9,8 @@ all="cache_tiny cache_g3 train samples quality peers"
 for name in ${@:-$all}; do
   echo "=== $name $(date +%T)"
   case $name in
-    cache_tiny) python bench/bench_cache.py --model tiny --layer 1 --tokens 200k --repeats 3 --json $out/cache_tiny.json ;;
-    cache_g3)   python bench/bench_cache.py --model gemma-3-270m --layer 6 --tokens 25k --repeats 2 --json $out/cache_g3.json ;;
+    cache_tiny) python bench/bench_cache.py --model tiny --layer 1 --tokens 200k --repeats 9 --breakdown --json $out/cache_tiny.json ;;
+    cache_g3)   python bench/bench_cache.py --model gemma-3-270m --layer 6 --tokens 25k --repeats 5 --breakdown --json $out/cache_g3.json ;;
     train)      python bench/bench_train.py --steps 20 ;;
     samples)    python bench/bench_samples.py --steps 3 ;;
     quality)    python bench/quality.py --tokens 200k --steps 400 --eval-tokens 4k --out $out/quality ;;
