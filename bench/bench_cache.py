@@ -140,7 +140,8 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(summary, indent=2))
     print(f"\n{args.model}: cache {summary['cache_tok_s']:,.0f} tok/s vs bare forward {summary['forward_tok_s']:,.0f} "
-          f"tok/s -> ratio {summary['ratio']:.2f} (median of pairs {summary['pair_ratios']}; target >= 0.90); {summary['bytes_per_token']:.0f} bytes/token "
+          f"tok/s -> ratio {summary['ratio']:.2f} (median of pairs {summary['pair_ratios']}; target >= 0.90); "
+          f"{summary['bytes_per_token']:.0f} bytes/token "
           f"= {summary['bytes_vs_raw_fp16']:.3f}x raw fp16")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))

@@ -177,8 +177,7 @@ class StoreWriter:
         flags = np.where(bos_mask, FLAG_BOS, 0).astype(np.uint8)
         flags |= np.where(src_over | tgt_over, FLAG_OVERFLOW, 0).astype(np.uint8)
         keep = flags == 0
-        # statistics of what is stored (the fp16 values), so a reader can recompute them exactly;
-        # squares of fp16 values are exact in float32, and the sums accumulate in float64
+        # statistics of what is stored (the fp16 values), so a reader can recompute them exactly
         src_sum, src_sq, src_norm = chunk_sums(src16[keep])
         tgt_sum, tgt_sq, tgt_norm = chunk_sums(tgt16[keep])
         self._put("source", c, src16)
@@ -261,8 +260,9 @@ def chunk_folder(arr: zarr.Array) -> Path | None:
     from zarr.codecs.bytes import Endian
     from zarr.storage import LocalStore
 
-    plain = (isinstance(arr.store, LocalStore) and not arr.compressors and not arr.filters
-             and isinstance(arr.serializer, BytesCodec) and arr.serializer.endian in (None, Endian.little))   # None: one-byte values
+    # endian None: one-byte values, which have no byte order
+    little = isinstance(arr.serializer, BytesCodec) and arr.serializer.endian in (None, Endian.little)
+    plain = isinstance(arr.store, LocalStore) and not arr.compressors and not arr.filters and little
     return Path(arr.store.root) / arr.path if plain else None
 
 

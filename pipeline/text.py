@@ -54,8 +54,8 @@ def _python_docs_cached() -> tuple[str, ...]:
 
 def python_docs_file() -> Path:
     """The corpus saved once per Python version: parsing the stdlib takes seconds, reading this milliseconds."""
-    version = sys.version.split()[0]
-    return user_cache_dir() / "corpora" / f"python-docs-{sys.implementation.name}{version}-v{_PYTHON_DOCS_FORMAT}.jsonl"
+    python = f"{sys.implementation.name}{sys.version.split()[0]}"
+    return user_cache_dir() / "corpora" / f"python-docs-{python}-v{_PYTHON_DOCS_FORMAT}.jsonl"
 
 
 def _iter_python_docs() -> Iterator[str]:

@@ -4,7 +4,8 @@ import pytest
 import zarr
 
 from conftest import BOS_ID, write_synthetic_store
-from pipeline.store import CHUNKED_ARRAYS, FLAG_BOS, FLAG_OVERFLOW, FP16_MAX, Store, StoreWriter, chunk_rows_for, to_fp16
+from pipeline.store import (CHUNKED_ARRAYS, FLAG_BOS, FLAG_OVERFLOW, FP16_MAX, Store, StoreWriter, chunk_rows_for,
+                            to_fp16)
 from pipeline.util import UserError
 
 

@@ -174,7 +174,8 @@ def test_hub_dataset_offline_is_user_error(monkeypatch):
 @pytest.mark.parametrize("model", ["tiny", "gemma-3-270m"])
 def test_fast_encoding_equals_the_tokenizer_call(model):
     tok = load_tokenizer(model)
-    texts = DOCS + list(itertools.islice(iter_documents("python-docs"), 60)) + ["<bos><eos> <start_of_turn>x", "é 🎉 中文"]
+    texts = DOCS + list(itertools.islice(iter_documents("python-docs"), 60))
+    texts += ["<bos><eos> <start_of_turn>x", "é 🎉 中文"]
     expected = tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     tok.backend_tokenizer.encode_special_tokens = False
     assert encode_texts(tok, texts) == expected
