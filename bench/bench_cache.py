@@ -26,11 +26,16 @@ from pipeline.cache import CacheConfig
 from pipeline.util import parse_count, pick_device
 
 
-def bare_forward(lm, cfg: CacheConfig, hooks: list[str]) -> float:
-    """Tokens/s of the truncated forward alone, over the sequences the cache will write."""
+def token_batches(lm, cfg: CacheConfig) -> list[tuple[int, np.ndarray]]:
+    """The forward batches the cache will run, tokenized up front."""
     n_seqs = -(-cfg.tokens // cfg.seq_len)
     seqs = text.pack_sequences(text.iter_documents(cfg.dataset), lm.tokenizer, cfg.seq_len, lm.bos_id)
-    batches = list(cache.batches(seqs, n_seqs, cfg.batch_size))
+    return list(cache.batches(seqs, n_seqs, cfg.batch_size))
+
+
+def bare_forward(lm, cfg: CacheConfig, hooks: list[str]) -> float:
+    """Tokens/s of the truncated forward alone, over the sequences the cache will write."""
+    batches = token_batches(lm, cfg)
     t0 = time.perf_counter()
     for _, toks in batches:
         forward.forward_hooks(lm, torch.from_numpy(toks), cfg.layer, hooks)
@@ -55,11 +60,9 @@ def side_work(lm, cfg: CacheConfig, hooks: list[str]) -> dict[str, float]:
     another, on the same sequences: what has to hide behind the forward for the ratio to reach 1."""
     from pipeline.store import StoreWriter, to_fp16
 
-    n_seqs = -(-cfg.tokens // cfg.seq_len)
     out: dict[str, float] = {}
     t0 = time.perf_counter()
-    seqs = text.pack_sequences(text.iter_documents(cfg.dataset), lm.tokenizer, cfg.seq_len, lm.bos_id)
-    batches = list(cache.batches(seqs, n_seqs, cfg.batch_size))
+    batches = token_batches(lm, cfg)
     out["tokenize"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     acts = [forward.forward_hooks(lm, torch.from_numpy(toks), cfg.layer, hooks, on_device=True) for _, toks in batches]

@@ -210,7 +210,7 @@ class StoreWriter:
         else:
             chunk = np.zeros(arr.chunks, dtype=dtype)
             chunk[:len(value)] = value
-        write_file_atomic(path, chunk.data)
+        write_chunk_file(path, chunk.data)
 
     def finalize(self, n_rows: int, vocab: list[str] | None = None) -> dict[str, Any]:
         """Shrink to the rows written (text may run out early), aggregate statistics, write the
@@ -266,8 +266,11 @@ def chunk_folder(arr: zarr.Array) -> Path | None:
     return Path(arr.store.root) / arr.path if plain else None
 
 
-def write_file_atomic(path: Path, data: Any) -> None:
-    """Replace `path` with `data` in one step, so a crash leaves the old file or the new one."""
+def write_chunk_file(path: Path, data: Any) -> None:
+    """Replace `path` with `data` in one step, so a crash leaves the old file or the new one.
+    Unlike util.write_file_atomic the temporary name is fixed (one writer per store holds the lock),
+    so a resume overwrites what a killed writer left instead of leaving a chunk-sized orphan, and a
+    chunk folder is made on its first file."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         f = open(tmp, "wb")

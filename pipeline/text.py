@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from pipeline.util import UserError, user_cache_dir
+from pipeline.util import UserError, user_cache_dir, write_file_atomic
 
 PYTHON_DOCS = "python-docs"
 _PYTHON_DOCS_FORMAT = 1   # bump when the extraction below changes, so saved copies are redone
@@ -63,21 +63,13 @@ def _iter_python_docs() -> Iterator[str]:
     if not path.exists():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_lines(path, list(extract_python_docs()))
+            write_file_atomic(path, "".join(json.dumps(d) + "\n" for d in extract_python_docs()))
         except OSError:   # an unwritable cache folder costs only speed
             yield from extract_python_docs()
             return
     with open(path, encoding="utf-8") as f:
         for line in f:
             yield json.loads(line)
-
-
-def write_json_lines(path: Path, docs: list[str]) -> None:
-    """Atomically: a reader sees the whole file or none."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(d) + "\n" for d in docs)
-    os.replace(tmp, path)
 
 
 def extract_python_docs() -> Iterator[str]:

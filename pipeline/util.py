@@ -87,15 +87,22 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
+def write_file_atomic(path: str | Path, data: str | bytes, fsync: bool = False) -> None:
+    """Replace `path` with `data` (str as UTF-8) so that a kill at any moment leaves the old file or
+    the new one. The temporary name carries the pid, so two processes never write into one file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON so that a kill at any moment leaves either the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(to_jsonable(obj), f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_file_atomic(path, json.dumps(to_jsonable(obj), indent=2), fsync=True)
 
 
 def pick_device(name: str) -> str:
@@ -144,8 +151,5 @@ def write_config_toml(path: str | Path, cfg: Any) -> Path:
         value = getattr(cfg, f.name)
         if value is not None:
             lines.append(f"{f.name.replace('_', '-')} = {toml_value(value)}")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
+    write_file_atomic(path, "\n".join(lines) + "\n")
+    return Path(path)
