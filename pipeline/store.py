@@ -292,7 +292,7 @@ def chunk_sums(x16: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
 
 def to_fp16(x: Any) -> tuple[np.ndarray, np.ndarray]:
     """Activations (a torch tensor on any device, or an array; (..., d)) as (rows, d) fp16 numpy,
-    clamped to +-65504, and a per-row 'was clamped' mask. NaN or inf raise.
+    clamped to +-65504, and a per-row 'was clamped' mask. NaN or inf raise a UserError (a dtype problem).
 
     torch casts about 10x faster than numpy, and on a GPU the cast halves what crosses the bus.
     """
@@ -300,7 +300,7 @@ def to_fp16(x: Any) -> tuple[np.ndarray, np.ndarray]:
     t = t.reshape(-1, t.shape[-1])
     lo, hi = (v.item() for v in torch.aminmax(t)) if t.numel() else (0.0, 0.0)
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise RuntimeError("the model produced NaN or inf activations: check the model's dtype (try --dtype float32)")
+        raise UserError("the model produced NaN or inf activations: check the model's dtype (try --dtype float32)")
     if max(hi, -lo) <= FP16_MAX:   # the usual case: one cheap pass
         return t.half().cpu().numpy(), np.zeros(len(t), dtype=bool)
     row_over = (t.abs() > FP16_MAX).any(dim=1)

@@ -207,3 +207,20 @@ def test_empty_text_and_unwritable_output(tmp_path):
     r = tc_inproc([*base, "--dataset", "python-docs", "--out", str(precious), "--overwrite"])
     assert r.exit_code == 2 and "not a tc store" in r.output
     assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_nan_activations_end_in_one_line_and_leave_nothing(tmp_path, monkeypatch):
+    from pipeline import forward
+
+    real = forward.forward_hooks
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return {name: value * float("nan") for name, value in out.items()}
+
+    monkeypatch.setattr(forward, "forward_hooks", poisoned)
+    out = tmp_path / "nan.zarr"
+    r = tc_inproc([*TINY_ARGS, "--out", str(out)])
+    assert r.exit_code == 2 and "NaN or inf" in r.output and "--dtype float32" in r.output
+    assert "Traceback" not in r.output and isinstance(r.exception, SystemExit)   # a clean exit, not a crash
+    assert not out.exists()   # the empty store this run made is removed

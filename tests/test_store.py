@@ -66,7 +66,7 @@ def test_fp16_cast_matches_numpy_for_arrays_and_tensors():
 def test_nan_or_inf_stops_the_cast(bad):
     x = np.ones((4, 4), np.float32)
     x[2, 3] = bad
-    with pytest.raises(RuntimeError, match="NaN or inf"):
+    with pytest.raises(UserError, match="NaN or inf"):
         to_fp16(x)
 
 
@@ -102,7 +102,7 @@ def test_nan_activations_stop_the_write(tmp_path):
     w = small_writer(tmp_path / "s.zarr", n_rows=32)
     x = np.ones((32, 4), np.float32)
     x[0, 0] = np.nan
-    with pytest.raises(RuntimeError, match="NaN"):
+    with pytest.raises(UserError, match="NaN"):
         w.write_chunk(0, x, x, np.zeros(32, np.int32), np.zeros(32, bool))
     w.close()
 
