@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.store import LOCK_NAME, Store, StoreWriter, WriterLock, chunk_rows_for, is_store, to_fp16
+from pipeline.store import (LOCK_NAME, Store, StoreWriter, WriterLock, chunk_rows_for, creation_interrupted,
+                            is_store, to_fp16)
 from pipeline.util import UserError, fault_point, opt, parse_count, pick_device, write_config_toml
 
 # Fields that define what the store holds: a re-run must agree on all of them to resume.
@@ -86,6 +87,8 @@ def prepare_output(cfg: CacheConfig) -> str:
             raise UserError(f"{out} holds a store made with a different configuration ({', '.join(diff)}): "
                             "pass --overwrite to replace it, or choose another --out")
         return "create"
+    if out.is_dir() and creation_interrupted(out):
+        return "create"   # tc's own, stopped before it held any data
     if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
         raise UserError(f"{out} exists and is not a tc store: choose another --out (tc never deletes it)")
     return "create"
@@ -328,9 +331,9 @@ class ChunkBuffer:
 def finish(cfg: CacheConfig, writer: StoreWriter, n_rows: int, seconds: float, vocab: list[str]) -> dict[str, Any]:
     planned = writer.n_rows_planned
     fault_point("before_finalize")
-    summary = writer.finalize(n_rows, vocab)
     out = cfg.resolved_out()
-    write_config_toml(out / "tc-cache.toml", cfg)
+    write_config_toml(out / "tc-cache.toml", cfg)   # before `complete`: a complete store always has it
+    summary = writer.finalize(n_rows, vocab)
     nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     result = {"store": str(out), "tokens": n_rows, "rows": n_rows, "bytes": nbytes,
               "bytes_per_token": nbytes / max(n_rows, 1), "seconds": round(seconds, 1),

@@ -13,7 +13,6 @@ they touched is skipped, and the evaluation text starts at the next untouched do
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -27,7 +26,8 @@ from tqdm import tqdm
 
 from pipeline.store import FLAG_BOS, FLAG_OVERFLOW, Store
 from pipeline.train import load_transcoder, require_run, run_config
-from pipeline.util import UserError, opt, parse_count, pick_device, versions, write_config_toml, write_json_atomic
+from pipeline.util import (UserError, opt, parse_count, pick_device, replaced_atomically, versions, write_config_toml,
+                           write_json_atomic)
 
 # A replacement for the MLP output: (source (B, T, d), clean target (B, T, d)) -> new target (B, T, d).
 # The transcoder is one; the tests splice the identity and zeros through the same code.
@@ -633,7 +633,6 @@ def plot_fvu(rows: dict[str, Any], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with replaced_atomically(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(path)

@@ -23,7 +23,8 @@ from pipeline.samples import (FeatureSamples, build_context, context_starts, enc
                               token_text, top_tokens)
 from pipeline.store import Store
 from pipeline.train import load_transcoder, open_run_store, require_run, run_config
-from pipeline.util import UserError, opt, parse_int_list, pick_device, versions, write_config_toml, write_json_atomic
+from pipeline.util import (UserError, opt, parse_int_list, pick_device, versions, write_config_toml, write_file_atomic,
+                           write_json_atomic)
 
 SCHEMA = "tc-feature-samples"
 SCHEMA_VERSION = 1
@@ -251,9 +252,7 @@ def write_html(out: Path, index: dict[str, Any], records: list[dict[str, Any]]) 
     blob = json.dumps(page_data(index, records), separators=(",", ":")).replace("<", "\\u003c")
     html = template.replace(DATA_MARK, f"window.TC_DATA = {blob};")
     path = out / "index.html"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(path)
+    write_file_atomic(path, html)
     return path
 
 

@@ -17,7 +17,6 @@ The formats are described in docs/samples.md.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,8 +28,9 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from pipeline.store import FLAG_BOS, FLAG_OVERFLOW, Store
-from pipeline.train import load_transcoder, open_run_store, require_run, run_config
-from pipeline.util import UserError, opt, parse_count, pick_device, versions, write_config_toml, write_json_atomic
+from pipeline.train import load_transcoder, open_run_store, require_run
+from pipeline.util import (UserError, opt, parse_count, pick_device, replaced_atomically, versions, write_config_toml,
+                           write_json_atomic)
 
 NEG = float("-inf")
 TRAINING_DIR = "activation_samples"   # written by the training collector
@@ -294,9 +294,8 @@ def write_training_samples(col: SampleCollector, run_dir: Path, store: Store, cf
     n_ctx = get("sample_context", 20)
     top_features, per_feature = get("top_features", 100), get("samples_per_feature", 10)
     state = col.state_dict()
-    tmp = out / (SAMPLES_FILE + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, out / SAMPLES_FILE)
+    with replaced_atomically(out / SAMPLES_FILE) as tmp:
+        save_file(state, str(tmp))
     vals, rows = state["top_vals"], state["top_rows"]                     # (F, n)
     n_kept = (rows >= 0).sum(1)                                           # (F,)
     vmax = vals[:, 0].masked_fill(n_kept == 0, 0.0)
@@ -409,12 +408,8 @@ class ExactState:
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"tc": json.dumps(meta)})
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with replaced_atomically(path, fsync=True) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"tc": json.dumps(meta)})
 
 
 def tensors_meta(path: Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Chunks are independent, so several writers may each own a disjoint set of chunks
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -47,7 +48,20 @@ class Rows:
 
 
 def is_store(path: str | Path) -> bool:
-    return (Path(path) / "zarr.json").exists() and (Path(path) / "chunk_meta").exists()
+    return (Path(path) / "zarr.json").exists() and (Path(path) / "chunk_meta" / "zarr.json").exists()
+
+
+def creation_interrupted(path: str | Path) -> bool:
+    """A tc store stopped while its empty arrays were being made: it holds no data and may be
+    made again. (`chunk_meta`, the last array made, is what `is_store` looks for.)"""
+    path = Path(path)
+    if is_store(path) or not (path / "zarr.json").exists():
+        return False
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    return attrs.get("schema") == SCHEMA
 
 
 # ----------------------------------------------------------------------------- writing
@@ -121,7 +135,12 @@ class StoreWriter:
         lock = WriterLock(path)
         lock.acquire()
         try:
-            group = zarr.open_group(str(path), mode="w")   # clears the folder, the lock file included
+            # all attributes in the group's first zarr.json, before any array: a store cut short
+            # here is recognisable as tc's and empty (see creation_interrupted)
+            group = zarr.open_group(str(path), mode="w", attributes={   # clears the folder, the lock too
+                **attrs, "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "versions": versions(),
+                "d_model": d_model, "chunk_rows": chunk_rows, "n_rows_planned": n_rows, "n_rows": 0,
+                "complete": False, "flags": {"bos": FLAG_BOS, "overflow": FLAG_OVERFLOW}})
             lock.write()
             n_chunks = -(-n_rows // chunk_rows)
             # fp16 activations barely compress (zstd 1.08x) and reads get 2-4x slower: raw by default
@@ -138,14 +157,11 @@ class StoreWriter:
                                dtype="float64", fill_value=0, compressors=None)
             group.create_array("chunk_norms", shape=(n_chunks, 2), chunks=(1, 2), dtype="float64", fill_value=0,
                                compressors=None)
-            group.create_array("chunk_meta", shape=(n_chunks, len(META_COLUMNS)), chunks=(1, len(META_COLUMNS)),
-                               dtype="int64", fill_value=0, compressors=None)
             if vocab is not None:
                 write_vocab(group, vocab)
-            group.attrs.update({**attrs, "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
-                                "versions": versions(), "d_model": d_model, "chunk_rows": chunk_rows,
-                                "n_rows_planned": n_rows, "n_rows": 0, "complete": False,
-                                "flags": {"bos": FLAG_BOS, "overflow": FLAG_OVERFLOW}})
+            # last: its presence is what makes the folder a store (is_store)
+            group.create_array("chunk_meta", shape=(n_chunks, len(META_COLUMNS)), chunks=(1, len(META_COLUMNS)),
+                               dtype="int64", fill_value=0, compressors=None)
         except BaseException:
             lock.release()
             raise
@@ -223,13 +239,11 @@ class StoreWriter:
         if n_chunks and not meta[:, 0].all():
             missing = np.flatnonzero(meta[:, 0] == 0).tolist()
             raise RuntimeError(f"cannot finalize: chunks {missing[:5]} are not committed")
-        if n_rows != g["source"].shape[0]:
-            for name in ("source", "target"):
-                g[name].resize((n_rows, g[name].shape[1]))
-            for name in ("tokens", "flags"):
-                g[name].resize((n_rows,))
-            for name in ("chunk_stats", "chunk_norms", "chunk_meta"):
-                g[name].resize((n_chunks, *g[name].shape[1:]))
+        # each array on its own: a run killed part-way through the resizes finishes them on resume
+        for name in CHUNKED_ARRAYS:
+            length = n_chunks if name.startswith("chunk_") else n_rows
+            if g[name].shape[0] != length:
+                g[name].resize((length, *g[name].shape[1:]))
         stats = aggregate_stats(g["chunk_stats"][:], g["chunk_norms"][:], meta)
         sg = g.require_group("stats")
         for side in ("source", "target"):
@@ -239,11 +253,14 @@ class StoreWriter:
         overflow = {"source": int(meta[:, 3].sum()), "target": int(meta[:, 4].sum()), "rows": int(meta[:, 5].sum())}
         summary = {"n_rows": n_rows, "complete": True, "stats": stats, "overflow": overflow,
                    "n_bos_rows": int(n_rows - meta[:, 2].sum() - overflow["rows"])}
-        g.attrs.update(summary)
+        fault_point("finalize_before_mark")
+        # one write of zarr.json: `attrs.update` would write it once per key, and a kill between
+        # "complete" and the keys after it left a store that claimed to be complete without them
+        g.update_attributes(summary)
         return summary
 
     def update_attrs(self, attrs: dict[str, Any]) -> None:
-        self.group.attrs.update(attrs)
+        self.group.update_attributes(attrs)   # one write, as in finalize
 
     def close(self) -> None:
         self.lock.release()

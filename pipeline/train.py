@@ -37,7 +37,8 @@ from tqdm import tqdm
 from pipeline.loader import ChunkLoader
 from pipeline.store import FLAG_BOS, FLAG_OVERFLOW, Store
 from pipeline.transcoder import Transcoder, TranscoderOutput, norm_constants
-from pipeline.util import UserError, opt, parse_count, parse_int_list, pick_device, to_jsonable, versions, write_config_toml, write_json_atomic
+from pipeline.util import (UserError, opt, parse_count, parse_int_list, pick_device, to_jsonable, versions,
+                           write_config_toml, write_file_atomic, write_json_atomic)
 
 KILL_ENV = "TC_TRAIN_KILL_AT_STEP"   # testing hook: SIGKILL this process right after that step
 RESUME_FREE = {"resume", "out", "cache", "device", "log_every", "checkpoint_every", "keep_checkpoints",
@@ -307,9 +308,7 @@ def write_checkpoint(run_dir: Path, step: int, model: Transcoder, state: dict[st
     if final.exists():   # left by a run killed after the rename; same step, same content
         shutil.rmtree(final)
     os.rename(tmp, final)
-    pointer_tmp = root / "latest.tmp"
-    pointer_tmp.write_text(name)
-    os.replace(pointer_tmp, root / "latest")
+    write_file_atomic(root / "latest", name)
     _fsync_dir(root)
     prune_checkpoints(root, keep, name)
     return final
@@ -393,9 +392,7 @@ def truncate_metrics(path: Path, step: int) -> None:
             continue
         if row.get("step", math.inf) <= step:
             keep.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_file_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.util import replaced_atomically
+
 FORMAT = "tc-transcoder"
 FORMAT_VERSION = 1
 THRESHOLD_DECAY = 0.99   # EMA decay of the inference threshold (after a warm start, see _update_stats)
@@ -390,9 +392,8 @@ class Transcoder(nn.Module):
                 "groups": json.dumps(self.groups), "aux_k": str(self.aux_k), "aux_coef": repr(self.aux_coef),
                 "dead_tokens": str(self.dead_tokens),
                 "hooks": json.dumps(self.meta.get("hooks", {})), "meta": json.dumps(self.meta)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        with replaced_atomically(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Transcoder":

@@ -1,6 +1,7 @@
 """Small helpers every stage shares: the user-error type, option metadata, counts, versions."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -8,7 +9,7 @@ import platform
 import re
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 TC_VERSION = "0.1.0"
 
@@ -87,17 +88,27 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_file_atomic(path: str | Path, data: str | bytes, fsync: bool = False) -> None:
-    """Replace `path` with `data` (str as UTF-8) so that a kill at any moment leaves the old file or
-    the new one. The temporary name carries the pid, so two processes never write into one file."""
+@contextlib.contextmanager
+def replaced_atomically(path: str | Path, fsync: bool = False) -> Iterator[Path]:
+    """A temporary path to write in full; on leaving the block it replaces `path`, so a kill at any
+    moment leaves the old file or the new one. The temporary name carries the pid, so two
+    processes never write into one file; an error inside the block removes it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    try:
+        yield tmp
         if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_file_atomic(path: str | Path, data: str | bytes, fsync: bool = False) -> None:
+    """Replace `path` with `data` (str as UTF-8), atomically (see replaced_atomically)."""
+    with replaced_atomically(path, fsync) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

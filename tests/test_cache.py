@@ -53,6 +53,7 @@ def assert_same_store(a: Path, b: Path) -> None:
     attrs_a = {k: v for k, v in ga.attrs.asdict().items() if k not in drop}
     attrs_b = {k: v for k, v in gb.attrs.asdict().items() if k not in drop}
     assert attrs_a == attrs_b
+    assert (a / "tc-cache.toml").exists() and (b / "tc-cache.toml").exists()   # the record of the command
 
 
 def check_hooks_and_tokens(store_path: Path, spec: str, n_seqs: int = 4) -> None:
@@ -97,7 +98,8 @@ def test_gemma3_store_reads_the_right_hooks_and_tokens(tmp_path):
     check_hooks_and_tokens(out, "gemma-3-270m", n_seqs=2)
 
 
-@pytest.mark.parametrize("kill_at", ["chunk_committed:2", "chunk_before_commit:3", "before_finalize:1"])
+@pytest.mark.parametrize("kill_at", ["chunk_committed:2", "chunk_before_commit:3", "before_finalize:1",
+                                     "finalize_before_mark:1"])
 def test_kill_minus_9_then_resume_is_bit_identical(tiny_store, tmp_path, kill_at):
     out = tmp_path / "k.zarr"
     killed = tc([*TINY_ARGS, "--out", str(out)], TC_KILL_AT=kill_at)
@@ -207,6 +209,23 @@ def test_empty_text_and_unwritable_output(tmp_path):
     r = tc_inproc([*base, "--dataset", "python-docs", "--out", str(precious), "--overwrite"])
     assert r.exit_code == 2 and "not a tc store" in r.output
     assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_a_store_killed_while_being_created_is_made_again(tiny_store, tmp_path, monkeypatch):
+    out = tmp_path / "c.zarr"
+    real = zarr.Group.create_array
+
+    def stop_at_tokens(self, name, **kw):
+        if name == "tokens":
+            raise KeyboardInterrupt   # stands in for a kill after the first arrays
+        return real(self, name, **kw)
+    monkeypatch.setattr(zarr.Group, "create_array", stop_at_tokens)
+    tc_inproc([*TINY_ARGS, "--out", str(out)])
+    monkeypatch.undo()
+    assert (out / "source").exists() and not (out / "tokens").exists()
+    r = tc_inproc([*TINY_ARGS, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert_same_store(tiny_store, out)
 
 
 def test_nan_activations_end_in_one_line_and_leave_nothing(tmp_path, monkeypatch):

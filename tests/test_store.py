@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import BOS_ID, write_synthetic_store
+from conftest import BOS_ID
 from pipeline.store import (CHUNKED_ARRAYS, FLAG_BOS, FLAG_OVERFLOW, FP16_MAX, Store, StoreWriter, chunk_rows_for,
-                            to_fp16)
+                            is_store, to_fp16)
 from pipeline.util import UserError
 
 
@@ -133,6 +133,61 @@ def test_only_committed_chunks_count_and_finalize_needs_all(tmp_path):
         Store(tmp_path / "s.zarr").require_complete()
 
 
+def watch_group_json(path, monkeypatch) -> list[dict]:
+    """Every state of the group's zarr.json a kill could leave behind: its attributes after each write."""
+    import json
+
+    from zarr.storage import LocalStore
+
+    states, real_set = [], LocalStore.set
+
+    async def set_and_record(self, key, value):
+        await real_set(self, key, value)
+        if key == "zarr.json":
+            states.append(json.loads((path / "zarr.json").read_text()).get("attributes", {}))
+    monkeypatch.setattr(LocalStore, "set", set_and_record)
+    return states
+
+
+def test_a_kill_between_metadata_writes_never_leaves_a_half_marked_store(tmp_path, monkeypatch):
+    path = tmp_path / "s.zarr"
+    states = watch_group_json(path, monkeypatch)
+    w = small_writer(path)
+    assert states and all(st.get("schema") == "tc-store" and "chunk_rows" in st for st in states)
+    x = np.ones((32, 4), np.float32)
+    tok = np.arange(32, dtype=np.int32)
+    for c in range(3):
+        w.write_chunk(c, x, x, tok, tok == 0)
+    states.clear()
+    w.finalize(96)
+    w.close()
+    summary_keys = {"n_rows", "complete", "stats", "overflow", "n_bos_rows"}
+    assert states[-1]["complete"]
+    for st in states:   # wherever a kill lands, "complete" comes with everything it vouches for
+        assert not st.get("complete") or summary_keys <= set(st), sorted(st)
+
+
+def test_a_store_stopped_while_being_created_is_recognised(tmp_path, monkeypatch):
+    from pipeline.store import creation_interrupted
+
+    path = tmp_path / "s.zarr"
+    real = zarr.Group.create_array
+
+    def stop_at_chunk_meta(self, name, **kw):
+        if name == "chunk_meta":
+            raise KeyboardInterrupt   # stands in for a kill just before the last array
+        return real(self, name, **kw)
+    monkeypatch.setattr(zarr.Group, "create_array", stop_at_chunk_meta)
+    with pytest.raises(KeyboardInterrupt):
+        small_writer(path)
+    monkeypatch.undo()
+    assert creation_interrupted(path) and not is_store(path)
+    other = tmp_path / "other"
+    other.mkdir()
+    zarr.open_group(str(other), mode="w", attributes={"schema": "someone-else"})
+    assert not creation_interrupted(other) and not creation_interrupted(tmp_path / "absent")
+
+
 def test_text_running_out_shrinks_the_store(tmp_path):
     w = small_writer(tmp_path / "s.zarr", n_rows=96)
     x = np.ones((32, 4), np.float32)
@@ -144,6 +199,39 @@ def test_text_running_out_shrinks_the_store(tmp_path):
     s = Store(tmp_path / "s.zarr")
     assert s.complete and s.n_rows == 48 and s.source.shape == (48, 4) and s.n_chunks == 2
     assert s.tokens.tolist() == list(range(32)) + list(range(16))
+
+
+def test_finalize_stopped_between_resizes_finishes_them_when_run_again(tmp_path, monkeypatch):
+    x = np.ones((32, 4), np.float32)
+    tok = np.arange(32, dtype=np.int32)
+
+    def write_short_store(path):
+        w = small_writer(path, n_rows=96)
+        w.write_chunk(0, x, x, tok, tok == 0)
+        w.write_chunk(1, x[:16], x[:16], tok[:16], tok[:16] == 0)
+        return w
+    write_short_store(tmp_path / "ref.zarr").finalize(48)
+
+    w = write_short_store(tmp_path / "s.zarr")
+    real, calls = zarr.Array.resize, []
+
+    def resize_twice_then_stop(self, shape):
+        calls.append(shape)
+        if len(calls) > 2:
+            raise KeyboardInterrupt   # stands in for a kill after two arrays were shrunk
+        return real(self, shape)
+    monkeypatch.setattr(zarr.Array, "resize", resize_twice_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        w.finalize(48)
+    monkeypatch.undo()
+    w.close()
+    w = StoreWriter.reopen(tmp_path / "s.zarr")
+    w.finalize(48)
+    w.close()
+    ref, s = zarr.open_group(str(tmp_path / "ref.zarr")), zarr.open_group(str(tmp_path / "s.zarr"))
+    for name in CHUNKED_ARRAYS:
+        assert s[name].shape == ref[name].shape, name
+        assert np.array_equal(s[name][:], ref[name][:]), name
 
 
 def test_second_writer_is_refused_and_dead_writer_lock_taken_over(tmp_path):

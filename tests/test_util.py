@@ -1,0 +1,27 @@
+"""Shared helpers: the one atomic file writer every stage uses."""
+import pytest
+
+from pipeline.util import replaced_atomically, write_file_atomic
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with replaced_atomically(path) as tmp:
+            tmp.write_bytes(b"half of the n")
+            raise RuntimeError("killed mid-write")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["weights.bin"]
+
+
+def test_a_finished_write_replaces_the_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("old")
+    write_file_atomic(path, "né", fsync=True)
+    assert path.read_bytes() == "né".encode("utf-8")
+    with replaced_atomically(path) as tmp:
+        assert tmp.parent == path.parent and tmp != path   # same folder: os.replace stays atomic
+        tmp.write_bytes(b"\x00\x01")
+    assert path.read_bytes() == b"\x00\x01"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
