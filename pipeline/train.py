@@ -37,8 +37,8 @@ from tqdm import tqdm
 from pipeline.loader import ChunkLoader
 from pipeline.store import FLAG_BOS, FLAG_OVERFLOW, Store
 from pipeline.transcoder import Transcoder, TranscoderOutput, norm_constants
-from pipeline.util import (UserError, opt, parse_count, parse_int_list, pick_device, to_jsonable, versions,
-                           write_config_toml, write_file_atomic, write_json_atomic)
+from pipeline.util import (UserError, fault_point, opt, parse_count, parse_int_list, pick_device, to_jsonable,
+                           versions, write_config_toml, write_file_atomic, write_json_atomic)
 
 KILL_ENV = "TC_TRAIN_KILL_AT_STEP"   # testing hook: SIGKILL this process right after that step
 RESUME_FREE = {"resume", "out", "cache", "device", "log_every", "checkpoint_every", "keep_checkpoints",
@@ -593,8 +593,10 @@ def run_train(cfg: TrainConfig) -> Path:
     total = int(setup.config["total_steps"])
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.resume is None:
-        write_json_atomic(run_dir / "config.json", setup.config)
-        write_config_toml(run_dir / "tc-train.toml", cfg)
+        write_json_atomic(run_dir / "config.json", setup.config)   # from here on the folder is a run
+        fault_point("train_config_written")
+    if not (run_dir / "tc-train.toml").exists():   # a run killed between the two writes gets it on resume
+        write_config_toml(run_dir / "tc-train.toml", dataclasses.replace(cfg, resume=None))
     verb = "resuming" if setup.checkpoint is not None else "training"
     print(f"{verb} {run_dir} ({total:,} steps of {cfg.batch_size:,} tokens); "
           f"if interrupted: tc train --resume {run_dir}", flush=True)

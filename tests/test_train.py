@@ -176,6 +176,22 @@ def test_resume_of_a_finished_run_changes_nothing(synthetic_store, tmp_path):
     assert snapshot(run) == before
 
 
+def test_a_run_killed_right_after_it_was_made_resumes_with_its_config_file(synthetic_store, tmp_path):
+    import tomllib
+
+    cfg = tiny(synthetic_store, tmp_path / "run", steps=8)
+    code = ("import json, sys; from pipeline.train import TrainConfig, run_train; "
+            "run_train(TrainConfig(**json.loads(sys.argv[1])))")
+    killed = subprocess.run([sys.executable, "-c", code, json.dumps(dataclasses.asdict(cfg))], cwd=REPO,
+                            env={**os.environ, "TC_KILL_AT": "train_config_written:1"}, capture_output=True)
+    assert killed.returncode == -9
+    assert (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "tc-train.toml").exists()
+    run_train(TrainConfig(resume=str(tmp_path / "run")))
+    recorded = tomllib.loads((tmp_path / "run" / "tc-train.toml").read_text())
+    assert "resume" not in recorded
+    assert recorded["steps"] == 8 and recorded["groups"] == cfg.groups and recorded["out"] == str(tmp_path / "run")
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def unfinished_store(path: Path) -> Path:
