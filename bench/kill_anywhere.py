@@ -1,10 +1,11 @@
-"""Kill `tc cache` or `tc train` at many wall-clock moments, resume, and compare with an
+"""Kill `tc cache`, `tc train` or `tc samples collect` at many wall-clock moments, resume, and compare with an
 uninterrupted run. Not a speed benchmark: the by-hand check behind "a kill at any moment loses
 nothing" (docs/store.md, docs/transcoder.md). The test suite kills at fixed points; this spreads
 the kills over a whole run, startup and final writes included.
 
     python bench/kill_anywhere.py --stage cache --kills 15
     python bench/kill_anywhere.py --stage train --kills 16
+    python bench/kill_anywhere.py --stage samples --kills 12
 
 Prints one line per kill and exits non-zero if any resumed result differs.
 """
@@ -84,6 +85,39 @@ def train_trial(work: Path, i: int, delay: float) -> None:
         assert (whole / name).exists() == (out / name).exists(), f"{name} missing"
 
 
+def collect_command(run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "cli", "samples", "collect", "--run", str(run_dir), "--save-every", "1",
+            "--batch-size", "1024"]
+
+
+def samples_trial(work: Path, i: int, delay: float) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.samples import EXACT_META, SAMPLES_FILE
+
+    run_dir = work / f"k{i}"
+    shutil.copytree(work / "run", run_dir, ignore=shutil.ignore_patterns("samples"))
+    kill_after(collect_command(run_dir), delay)
+    run(collect_command(run_dir))   # the same command resumes
+    a = load_file(work / "run" / "samples" / SAMPLES_FILE)
+    b = load_file(run_dir / "samples" / SAMPLES_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "samples differ"
+    summary = lambda d: json.loads((d / "samples" / EXACT_META).read_text())["summary"]   # noqa: E731
+    assert summary(work / "run") == summary(run_dir), "collect.json summary differs"
+
+
+def prepare_samples(work: Path) -> float:
+    """A large synthetic store (so the two passes take seconds), a short run on it, one whole collect."""
+    from conftest import write_synthetic_store
+
+    write_synthetic_store(work / "s.zarr", n_rows=262_144, d_model=64, n_features=512)
+    cfg = train_config(work, work / "run")
+    cfg.update(dict_size=512, groups=[128, 384], steps=8, sample_every=0)
+    run(train_command(cfg))
+    return timed(collect_command(work / "run"))
+
+
 def train_config(work: Path, out: Path) -> dict:
     from test_train import tiny
 
@@ -97,13 +131,15 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", choices=["cache", "train"], required=True)
+    p.add_argument("--stage", choices=["cache", "train", "samples"], required=True)
     p.add_argument("--kills", type=int, default=15, help="kills, spread from 30%% to 105%% of a whole run's time")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="tc-kill-") as tmp:
         work = Path(tmp)
         if args.stage == "cache":
             whole_s, trial = timed(cache_command(work / "whole.zarr")), cache_trial
+        elif args.stage == "samples":
+            whole_s, trial = prepare_samples(work), samples_trial
         else:
             from conftest import write_synthetic_store
 
