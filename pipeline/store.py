@@ -284,10 +284,9 @@ def chunk_folder(arr: zarr.Array) -> Path | None:
 
 
 def write_chunk_file(path: Path, data: Any) -> None:
-    """Replace `path` with `data` in one step, so a crash leaves the old file or the new one.
-    Unlike util.write_file_atomic the temporary name is fixed (one writer per store holds the lock),
-    so a resume overwrites what a killed writer left instead of leaving a chunk-sized orphan, and a
-    chunk folder is made on its first file."""
+    """Replace `path` with `data` in one step, so a crash leaves the old file or the new one: what
+    util.write_file_atomic does, with the same fixed temporary name (a resume overwrites what a
+    killed writer left), trimmed for the per-chunk hot path: the folder is made on its first file."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         f = open(tmp, "wb")

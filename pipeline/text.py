@@ -63,7 +63,7 @@ def _iter_python_docs() -> Iterator[str]:
     if not path.exists():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_file_atomic(path, "".join(json.dumps(d) + "\n" for d in extract_python_docs()))
+            write_file_atomic(path, "".join(json.dumps(d) + "\n" for d in extract_python_docs()), shared=True)
         except OSError:   # an unwritable cache folder costs only speed
             yield from extract_python_docs()
             return

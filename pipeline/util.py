@@ -89,12 +89,15 @@ def to_jsonable(obj: Any) -> Any:
 
 
 @contextlib.contextmanager
-def replaced_atomically(path: str | Path, fsync: bool = False) -> Iterator[Path]:
+def replaced_atomically(path: str | Path, fsync: bool = False, shared: bool = False) -> Iterator[Path]:
     """A temporary path to write in full; on leaving the block it replaces `path`, so a kill at any
-    moment leaves the old file or the new one. The temporary name carries the pid, so two
-    processes never write into one file; an error inside the block removes it."""
+    moment leaves the old file or the new one. An error inside the block removes the temporary.
+
+    Its name is fixed, so the next write after a kill reuses it and nothing piles up (a transcoder
+    is hundreds of MB); `shared=True` (a file several processes may write at once, such as the
+    corpus in the user cache) puts the pid in the name instead."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp" if shared else f".{path.name}.tmp")
     try:
         yield tmp
         if fsync:
@@ -105,9 +108,9 @@ def replaced_atomically(path: str | Path, fsync: bool = False) -> Iterator[Path]
         tmp.unlink(missing_ok=True)
 
 
-def write_file_atomic(path: str | Path, data: str | bytes, fsync: bool = False) -> None:
+def write_file_atomic(path: str | Path, data: str | bytes, fsync: bool = False, shared: bool = False) -> None:
     """Replace `path` with `data` (str as UTF-8), atomically (see replaced_atomically)."""
-    with replaced_atomically(path, fsync) as tmp:
+    with replaced_atomically(path, fsync, shared) as tmp:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
 
 

@@ -1,4 +1,6 @@
 """Shared helpers: the one atomic file writer every stage uses."""
+import os
+
 import pytest
 
 from pipeline.util import replaced_atomically, write_file_atomic
@@ -25,3 +27,17 @@ def test_a_finished_write_replaces_the_file(tmp_path):
         tmp.write_bytes(b"\x00\x01")
     assert path.read_bytes() == b"\x00\x01"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_killed_write_leaves_one_temporary_that_the_next_write_reuses(tmp_path):
+    path = tmp_path / "transcoder.safetensors"
+    with replaced_atomically(path) as tmp:
+        tmp.write_bytes(b"old")
+        left_by_a_kill = tmp
+    left_by_a_kill.write_bytes(b"x" * 1000)   # as if the next writer died before its rename
+    write_file_atomic(path, b"new")
+    assert path.read_bytes() == b"new" and not left_by_a_kill.exists()
+    with replaced_atomically(path, shared=True) as tmp:   # a file several processes may write
+        assert str(os.getpid()) in tmp.name
+        tmp.write_bytes(b"mine")
+    assert path.read_bytes() == b"mine"
