@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,11 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from test_cache import TINY_ARGS, assert_same_store   # noqa: E402  (the tests' own settings and checks)
-
-TRAIN_CODE = ("import json, sys; from pipeline.train import TrainConfig, run_train; "
-              "run_train(TrainConfig(**json.loads(sys.argv[1])))")
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}   # the bit-identity condition
+# the tests' own settings, checks and training subprocess (at one thread: the bit-identity condition)
+from test_cache import TINY_ARGS, assert_same_store   # noqa: E402
+from test_train import ONE_THREAD_ENV, TRAIN_CODE, tiny   # noqa: E402
 
 
 def cache_command(out: Path) -> list[str]:
@@ -41,14 +38,14 @@ def train_command(cfg: dict) -> list[str]:
 
 
 def kill_after(command: list[str], seconds: float) -> int:
-    proc = subprocess.Popen(command, cwd=ROOT, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command, cwd=ROOT, env=ONE_THREAD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(seconds)
     proc.kill()
     return proc.wait()
 
 
 def run(command: list[str]) -> None:
-    r = subprocess.run(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True)
+    r = subprocess.run(command, cwd=ROOT, env=ONE_THREAD_ENV, capture_output=True, text=True)
     if r.returncode:
         raise AssertionError(f"exit {r.returncode}: {r.stderr.strip().splitlines()[-1:]}")
 
@@ -119,8 +116,6 @@ def prepare_samples(work: Path) -> float:
 
 
 def train_config(work: Path, out: Path) -> dict:
-    from test_train import tiny
-
     return dataclasses.asdict(tiny(work / "s.zarr", out, steps=48, checkpoint_every=8))
 
 

@@ -259,9 +259,6 @@ class StoreWriter:
         g.update_attributes(summary)
         return summary
 
-    def update_attrs(self, attrs: dict[str, Any]) -> None:
-        self.group.update_attributes(attrs)   # one write, as in finalize
-
     def close(self) -> None:
         self.lock.release()
 

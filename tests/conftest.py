@@ -19,6 +19,20 @@ from pipeline.store import StoreWriter, chunk_rows_for  # noqa: E402
 BOS_ID = 2
 
 
+def stop_store_creation_at(monkeypatch, array: str) -> None:
+    """Make StoreWriter.create stop (KeyboardInterrupt, standing in for a kill) just before it
+    makes `array`; monkeypatch.undo() lifts it."""
+    import zarr
+
+    real = zarr.Group.create_array
+
+    def create_array(self, name, **kw):
+        if name == array:
+            raise KeyboardInterrupt
+        return real(self, name, **kw)
+    monkeypatch.setattr(zarr.Group, "create_array", create_array)
+
+
 def write_synthetic_store(path: str | Path, n_rows: int = 8192, d_model: int = 32, seq_len: int = 64,
                           n_features: int = 128, k_true: int = 4, vocab_size: int = 100, seed: int = 0,
                           chunk_rows: int | None = None) -> Path:

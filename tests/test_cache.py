@@ -16,6 +16,7 @@ import zarr
 from typer.testing import CliRunner
 
 from cli import app
+from conftest import stop_store_creation_at
 from pipeline import forward, models, text
 from pipeline.cache import CacheConfig, run_cache
 from pipeline.store import Store
@@ -213,13 +214,7 @@ def test_empty_text_and_unwritable_output(tmp_path):
 
 def test_a_store_killed_while_being_created_is_made_again(tiny_store, tmp_path, monkeypatch):
     out = tmp_path / "c.zarr"
-    real = zarr.Group.create_array
-
-    def stop_at_tokens(self, name, **kw):
-        if name == "tokens":
-            raise KeyboardInterrupt   # stands in for a kill after the first arrays
-        return real(self, name, **kw)
-    monkeypatch.setattr(zarr.Group, "create_array", stop_at_tokens)
+    stop_store_creation_at(monkeypatch, "tokens")   # after the first arrays
     tc_inproc([*TINY_ARGS, "--out", str(out)])
     monkeypatch.undo()
     assert (out / "source").exists() and not (out / "tokens").exists()

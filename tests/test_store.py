@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import BOS_ID
+from conftest import BOS_ID, stop_store_creation_at
 from pipeline.store import (CHUNKED_ARRAYS, FLAG_BOS, FLAG_OVERFLOW, FP16_MAX, Store, StoreWriter, chunk_rows_for,
                             is_store, to_fp16)
 from pipeline.util import UserError
@@ -171,13 +171,7 @@ def test_a_store_stopped_while_being_created_is_recognised(tmp_path, monkeypatch
     from pipeline.store import creation_interrupted
 
     path = tmp_path / "s.zarr"
-    real = zarr.Group.create_array
-
-    def stop_at_chunk_meta(self, name, **kw):
-        if name == "chunk_meta":
-            raise KeyboardInterrupt   # stands in for a kill just before the last array
-        return real(self, name, **kw)
-    monkeypatch.setattr(zarr.Group, "create_array", stop_at_chunk_meta)
+    stop_store_creation_at(monkeypatch, "chunk_meta")   # the last array
     with pytest.raises(KeyboardInterrupt):
         small_writer(path)
     monkeypatch.undo()

@@ -125,14 +125,18 @@ def test_predictions_are_in_target_units(tmp_path):
 
 # ----------------------------------------------------------------------------- kill -9 and resume
 
-def run_subprocess(cfg: TrainConfig, kill_at: int | None = None) -> subprocess.CompletedProcess:
-    code = ("import json, sys; from pipeline.train import TrainConfig, run_train; "
-            "run_train(TrainConfig(**json.loads(sys.argv[1])))")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# a training run in its own process (so it can be killed), at one thread as the in-process runs
+TRAIN_CODE = ("import json, sys; from pipeline.train import TrainConfig, run_train; "
+              "run_train(TrainConfig(**json.loads(sys.argv[1])))")
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def run_subprocess(cfg: TrainConfig, kill_at: int | None = None, **env: str) -> subprocess.CompletedProcess:
+    env = {**ONE_THREAD_ENV, **env}
     env.pop(KILL_ENV, None)
     if kill_at is not None:
         env[KILL_ENV] = str(kill_at)
-    return subprocess.run([sys.executable, "-c", code, json.dumps(dataclasses.asdict(cfg))], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-c", TRAIN_CODE, json.dumps(dataclasses.asdict(cfg))], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -180,10 +184,7 @@ def test_a_run_killed_right_after_it_was_made_resumes_with_its_config_file(synth
     import tomllib
 
     cfg = tiny(synthetic_store, tmp_path / "run", steps=8)
-    code = ("import json, sys; from pipeline.train import TrainConfig, run_train; "
-            "run_train(TrainConfig(**json.loads(sys.argv[1])))")
-    killed = subprocess.run([sys.executable, "-c", code, json.dumps(dataclasses.asdict(cfg))], cwd=REPO,
-                            env={**os.environ, "TC_KILL_AT": "train_config_written:1"}, capture_output=True)
+    killed = run_subprocess(cfg, TC_KILL_AT="train_config_written:1")
     assert killed.returncode == -9
     assert (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "tc-train.toml").exists()
     run_train(TrainConfig(resume=str(tmp_path / "run")))
