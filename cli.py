@@ -2,7 +2,8 @@
 
 Option names are the dataclass field names with dashes; help text and help panels come from the
 fields' metadata; `--config FILE.toml` supplies any of them (keys are option names); options
-given on the command line win over the file, the file over the defaults.
+given on the command line win over the file, the file over the defaults. Every value is checked
+against its field's type (pipeline/config.py); a bad one, like any usage error, is one line, exit 2.
 """
 from __future__ import annotations
 
@@ -10,13 +11,18 @@ import dataclasses
 import inspect
 import sys
 import tomllib
-import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
 
+try:   # typer 0.2x ships its own copy of click, whose exceptions are the ones raised
+    from typer._click import exceptions as click_errors
+except ImportError:
+    from click import exceptions as click_errors
+
+from pipeline.config import checked, checked_values, field_type
 from pipeline.util import UserError
 
 app = typer.Typer(help="Train sparse transcoders on an LLM's MLP and see what each feature means.",
@@ -45,21 +51,13 @@ def guarded(fn: Callable[[], Any], resume: str = RESUME) -> Any:
         raise fail(f"interrupted: {resume}", 130) from None
 
 
-def option_type(field_type: Any) -> tuple[Any, bool]:
-    """The CLI type of a config field and whether it may be None."""
-    args = typing.get_args(field_type)
-    if typing.get_origin(field_type) in (typing.Union, types.UnionType) and type(None) in args:
-        return next(a for a in args if a is not type(None)), True
-    return field_type, False
-
-
 def config_params(cfg_cls: type) -> list[inspect.Parameter]:
     hints = typing.get_type_hints(cfg_cls)
     params = []
     for f in dataclasses.fields(cfg_cls):
         meta = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        base, nullable = option_type(hints[f.name])
+        base, nullable = field_type(hints[f.name])
         if meta.get("parse") or base is list or typing.get_origin(base) is list:
             base = str   # parsed after merging with the config file
             default = ",".join(map(str, default)) if isinstance(default, list) else default
@@ -75,20 +73,23 @@ def config_params(cfg_cls: type) -> list[inspect.Parameter]:
     return params
 
 
-def build_config(cfg_cls: type, values: dict[str, Any], ctx: typer.Context) -> Any:
-    """Command line > config file > defaults; then each field's parser."""
+def build_config(cfg_cls: type, values: dict[str, Any], ctx: typer.Context) -> tuple[Any, set[str]]:
+    """Command line > config file > defaults, each value checked against its field's type.
+    Returns the config and the names of the options the user gave (on the line or in the file)."""
     config_file = values.pop("config", None)
+    given = {name for name in values if _from_command_line(ctx, name)}
     if config_file is not None:
-        file_values = read_toml(config_file, cfg_cls)
+        file_values = checked_values(cfg_cls, read_toml(config_file, cfg_cls), f"config file {config_file}: ")
         for name, value in file_values.items():
-            source = ctx.get_parameter_source(name)   # typer may vendor its own click: compare by name
-            if getattr(source, "name", None) != "COMMANDLINE":
+            if name not in given:
                 values[name] = value
-    for f in dataclasses.fields(cfg_cls):
-        parse = f.metadata.get("parse")
-        if parse and values.get(f.name) is not None:
-            values[f.name] = parse(values[f.name])
-    return cfg_cls(**values)
+        given |= set(file_values)
+    return checked(cfg_cls(**values)), given
+
+
+def _from_command_line(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)   # typer may vendor its own click: compare by name
+    return getattr(source, "name", None) == "COMMANDLINE"
 
 
 def read_toml(path: Path, cfg_cls: type) -> dict[str, Any]:
@@ -110,8 +111,13 @@ def read_toml(path: Path, cfg_cls: type) -> dict[str, Any]:
 def register(typer_app: typer.Typer, name: str, cfg_cls: type, run: Callable[[Any], Any], help: str,
              resume: str = RESUME) -> None:
     """Add a command whose options are the fields of `cfg_cls` and which calls `run(config)`."""
+    takes_given = "given" in inspect.signature(run).parameters
+
     def command(ctx: typer.Context, **values: Any) -> None:
-        guarded(lambda: run(build_config(cfg_cls, values, ctx)), resume)
+        def stage() -> Any:
+            cfg, given = build_config(cfg_cls, values, ctx)
+            return run(cfg, given=given) if takes_given else run(cfg)
+        guarded(stage, resume)
 
     ctx_param = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
     command.__signature__ = inspect.Signature([ctx_param, *config_params(cfg_cls)])
@@ -120,7 +126,7 @@ def register(typer_app: typer.Typer, name: str, cfg_cls: type, run: Callable[[An
 
 
 def _register_all() -> None:
-    from pipeline import cache, demo, evaluate, export, samples, train
+    from pipeline import cache, collect, demo, evaluate, export, train
 
     register(app, "demo", demo.DemoConfig, demo.run_demo,
              "The whole pipeline on the packaged Gemma 3 270M and CPython's docs, in about ten minutes on a laptop CPU.")
@@ -132,7 +138,7 @@ def _register_all() -> None:
              resume="continue from the last checkpoint with `tc train --resume RUN` (RUN: the run folder)")
     register(app, "eval", evaluate.EvalConfig, evaluate.run_eval,
              "Measure a trained transcoder: FVU per prefix, L0, dead features, and the model's loss with it spliced in.")
-    register(samples_app, "collect", samples.CollectConfig, samples.run_collect,
+    register(samples_app, "collect", collect.CollectConfig, collect.run_collect,
              "Exact top activations, interval samples, histograms and density of every feature over the store.")
     register(samples_app, "export", export.ExportConfig, export.run_export,
              "Write feature samples as JSON or as an offline HTML feature browser.")
@@ -160,5 +166,22 @@ def info(path: Path = typer.Argument(..., help="A store (tc cache) or a run fold
     typer.echo(guarded(lambda: describe(path)))
 
 
+def main() -> int:
+    """The `tc` entry point: click's usage errors (a bad option value, an unknown option) become
+    one line and exit 2, as tc's own errors do."""
+    try:
+        return app(standalone_mode=False) or 0
+    except click_errors.NoArgsIsHelpError as e:
+        typer.echo(e.ctx.get_help())
+        return 0
+    except click_errors.UsageError as e:
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        typer.secho(f"error: {' '.join(e.format_message().split())}{hint}", err=True, fg="red")
+        return 2
+    except (KeyboardInterrupt, typer.Abort):
+        typer.secho("error: interrupted", err=True, fg="red")
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(app())
+    sys.exit(main())

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from pipeline.samples import SampleCollector
+from pipeline.collector import SampleCollector
 from pipeline.train import default_groups, train_step
 from pipeline.transcoder import Transcoder
 from pipeline.util import pick_device

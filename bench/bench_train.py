@@ -80,7 +80,7 @@ def from_store(cfg: TrainConfig, store: Store, n: int, warmup: int) -> float:
 
 def from_memory(cfg: TrainConfig, store: Store, n: int, warmup: int) -> float:
     nc = norm_constants(store.stats())
-    keep = store.flags == 0
+    keep = store.usable()
     x = (torch.from_numpy(store.source[:][keep].astype(np.float32)) - nc["source_mean"]) / nc["source_scale"]
     y = (torch.from_numpy(store.target[:][keep].astype(np.float32)) - nc["target_mean"]) / nc["target_scale"]
     g = torch.Generator().manual_seed(0)

@@ -91,7 +91,7 @@ def samples_trial(work: Path, i: int, delay: float) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from pipeline.samples import EXACT_META, SAMPLES_FILE
+    from pipeline.run import COLLECT_META, SAMPLES_FILE
 
     run_dir = work / f"k{i}"
     shutil.copytree(work / "run", run_dir, ignore=shutil.ignore_patterns("samples"))
@@ -100,7 +100,7 @@ def samples_trial(work: Path, i: int, delay: float) -> None:
     a = load_file(work / "run" / "samples" / SAMPLES_FILE)
     b = load_file(run_dir / "samples" / SAMPLES_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "samples differ"
-    summary = lambda d: json.loads((d / "samples" / EXACT_META).read_text())["summary"]   # noqa: E731
+    summary = lambda d: json.loads((d / "samples" / COLLECT_META).read_text())["summary"]   # noqa: E731
     assert summary(work / "run") == summary(run_dir), "collect.json summary differs"
 
 

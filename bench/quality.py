@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from pipeline import cache, evaluate, train
+from pipeline import cache, evaluate, row_eval, train
 from pipeline.util import parse_count
 
 VARIANTS = {"matryoshka": [640, 1280, 2560, 640], "plain BatchTopK": [5120]}
@@ -60,7 +60,7 @@ def prefix_fvu(run: Path, store: Path) -> list[float]:
 
     tc = Transcoder.load(run / "transcoder.safetensors").eval()
     tc.set_groups(VARIANTS["matryoshka"])
-    rows = evaluate.row_metrics(tc, Store(store), 200_000, "cpu", 0.1, False, progress=False)
+    rows = row_eval.row_metrics(tc, Store(store), 200_000, "cpu", 0.1, False, progress=False)
     return rows["fvu_per_prefix"]
 
 

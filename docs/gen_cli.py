@@ -11,13 +11,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import cache, demo, evaluate, export, samples, train  # noqa: E402
+from pipeline import cache, collect, demo, evaluate, export, train  # noqa: E402
 
 COMMANDS = [
     ("tc demo", demo.DemoConfig),
     ("tc cache", cache.CacheConfig),
     ("tc train", train.TrainConfig),
-    ("tc samples collect", samples.CollectConfig),
+    ("tc samples collect", collect.CollectConfig),
     ("tc samples export", export.ExportConfig),
     ("tc eval", evaluate.EvalConfig),
 ]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.config import checked
 from pipeline.store import (LOCK_NAME, Store, StoreWriter, WriterLock, chunk_rows_for, creation_interrupted,
                             is_store, to_fp16)
 from pipeline.util import UserError, fault_point, opt, parse_count, pick_device, write_config_toml
@@ -198,6 +199,7 @@ def batches(seqs: Iterator[np.ndarray], n_seqs: int, batch_size: int) -> Iterato
 def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     """Stage one end to end. Returns the summary it prints."""
     from pipeline import forward, models, text
+    cfg = checked(cfg)
 
     validate(cfg)
     out = cfg.resolved_out()

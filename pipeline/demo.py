@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import checked
+from pipeline.run import Run
 from pipeline.util import opt, parse_count, parse_int_list, write_config_toml
 
 
@@ -54,11 +56,12 @@ class Stages:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    from pipeline import cache, evaluate, export, samples, train
+    from pipeline import cache, collect, evaluate, export, train
+    cfg = checked(cfg)
 
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    store, run = out / f"{cfg.model}_l{cfg.layer}.zarr", out / "run"
+    store, run = out / f"{cfg.model}_l{cfg.layer}.zarr", Run(out / "run")
 
     out.mkdir(parents=True, exist_ok=True)
     write_config_toml(out / "tc-demo.toml", cfg)
@@ -68,17 +71,17 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                                       seq_len=cfg.seq_len, out=str(store), device=cfg.device))
 
     stages.start(2, "train", f"{cfg.dict_size:,} latents, groups {cfg.groups}, k {cfg.k}, {cfg.steps} steps -> {run}")
-    if (run / "summary.json").exists():
+    if run.finished:
         print(f"{run} is already trained: reusing it")
     else:
-        resume = str(run) if (run / "config.json").exists() else None
+        resume = str(run) if run.exists else None
         train.run_train(train.TrainConfig(
             cache=str(store), out=None if resume else str(run), resume=resume, dict_size=cfg.dict_size,
             groups=cfg.groups, k=cfg.k, steps=cfg.steps, warmup_steps=cfg.warmup_steps, lr=cfg.lr, log_every=25,
             checkpoint_every=100, device=cfg.device))
 
     stages.start(3, "samples", "exact top activations, interval samples and histograms over the whole store")
-    samples.run_collect(samples.CollectConfig(run=str(run), device=cfg.device))
+    collect.run_collect(collect.CollectConfig(run=str(run), device=cfg.device))
 
     stages.start(4, "export", "offline HTML feature browser")
     page = export.run_export(export.ExportConfig(run=str(run), format="html", device=cfg.device))
@@ -89,11 +92,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     return summarize(store, run, page, result, time.perf_counter() - t0, stages.seconds)
 
 
-def reuse_or_eval(run: Path, cfg: Any) -> dict[str, Any]:
+def reuse_or_eval(run: Run, cfg: Any) -> dict[str, Any]:
     """An eval.json made with the same settings is reused; anything else runs the eval."""
     from pipeline import evaluate
 
-    previous = run / "eval.json"
+    previous = run.eval_file
     if previous.exists():
         done = json.loads(previous.read_text())
         if done.get("config") == asdict(cfg):
@@ -102,11 +105,11 @@ def reuse_or_eval(run: Path, cfg: Any) -> dict[str, Any]:
     return evaluate.run_eval(cfg)
 
 
-def summarize(store: Path, run: Path, page: Path, result: dict[str, Any], seconds: float,
+def summarize(store: Path, run: Run, page: Path, result: dict[str, Any], seconds: float,
               stage_seconds: dict[str, float]) -> dict[str, Any]:
     from pipeline.store import Store
 
-    metrics = json.loads((run / "summary.json").read_text())
+    metrics = json.loads(run.summary_file.read_text())
     rows = result.get("rows", {})
     lm = result.get("lm", {})
     summary = {

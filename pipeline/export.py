@@ -19,10 +19,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.samples import (FeatureSamples, build_context, context_starts, encode_rows, load_samples,
-                              token_text, top_tokens)
+from pipeline.config import checked
+from pipeline.contexts import build_context, context_starts, token_text, top_tokens
+from pipeline.run import Run, open_run
+from pipeline.samples import FeatureSamples, load_samples
 from pipeline.store import Store
-from pipeline.train import load_transcoder, open_run_store, require_run, run_config
+from pipeline.transcoder import Transcoder
 from pipeline.util import (UserError, opt, parse_int_list, pick_device, versions, write_config_toml, write_file_atomic,
                            write_json_atomic)
 
@@ -78,10 +80,10 @@ def choose_features(cfg: ExportConfig, s: FeatureSamples) -> list[int]:
 
 # ----------------------------------------------------------------------------- per-token activations
 
-def context_activations(tc: Any, store: Store, starts: np.ndarray, rows: np.ndarray, feats: np.ndarray,
-                        device: torch.device, batch_size: int = 4096) -> list[np.ndarray]:
+def context_activations(tc: Transcoder, store: Store, starts: np.ndarray, rows: np.ndarray, feats: np.ndarray,
+                        batch_size: int = 4096) -> list[np.ndarray]:
     """For each sample i, the activation of feature feats[i] on every row starts[i]..rows[i], from
-    the transcoder's threshold encoding of the stored source rows. Reads whole chunks only."""
+    the transcoder's inference encoding of the stored source rows. Reads whole chunks only."""
     if len(rows) == 0:
         return []
     lens = rows - starts + 1                                              # (S,)
@@ -100,7 +102,7 @@ def context_activations(tc: Any, store: Store, starts: np.ndarray, rows: np.ndar
         source = store.source[a:b]                                         # whole chunk, (n, d) fp16
         for u0 in range(bounds[c], bounds[c + 1], batch_size):
             u1 = min(u0 + batch_size, bounds[c + 1])
-            acts = encode_rows(tc, source[uniq[u0:u1] - a], device)        # (u1 - u0, F)
+            acts = tc.encode_rows(source[uniq[u0:u1] - a])                 # (u1 - u0, F)
             p = porder[np.searchsorted(inv_sorted, u0):np.searchsorted(inv_sorted, u1)]
             idx = torch.from_numpy(inv[p] - u0).to(acts.device)
             fidx = torch.from_numpy(pair_feat[p]).to(acts.device)
@@ -128,18 +130,18 @@ def _sample_list(s: FeatureSamples, cfg: ExportConfig, feats: list[int]) -> list
 def build_records(cfg: ExportConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The index and one record per exported feature (the JSON schema of docs/samples.md)."""
     validate_export(cfg)
-    run = require_run(cfg.run)
+    run = open_run(cfg.run)
     s = load_samples(run)
     feats = choose_features(cfg, s)
-    store = open_run_store(run, cfg.cache)
+    store = run.store(cfg.cache)
     device = torch.device(pick_device(cfg.device))
-    tc = load_transcoder(run, device)
+    tc = run.transcoder(device)
     vocab = store.vocab()
     items = _sample_list(s, cfg, feats)
     rows = np.array([it[3] for it in items], dtype=np.int64)
     starts = context_starts(rows, store.flags, store.seq_len, cfg.context)
     acts = context_activations(tc, store, starts, rows, np.array([it[0] for it in items], dtype=np.int64),
-                               device, cfg.batch_size)
+                               cfg.batch_size)
     per_feature: dict[int, dict[str, list]] = {f: {"top": [], "interval": []} for f in feats}
     for (f, kind, q, r, v), st, a in zip(items, starts, acts):
         rec = {"activation": v, **build_context(r, int(st), store.tokens, vocab),
@@ -168,9 +170,9 @@ def _feature_record(f: int, s: FeatureSamples, got: dict[str, list], store: Stor
     return rec
 
 
-def _index(cfg: ExportConfig, run: Path, s: FeatureSamples, store: Store, records: list[dict[str, Any]]
+def _index(cfg: ExportConfig, run: Run, s: FeatureSamples, store: Store, records: list[dict[str, Any]]
            ) -> dict[str, Any]:
-    rc = run_config(run)
+    rc = run.config()
     fires = s.fires
     width = max(5, len(str(s.d_latent - 1)))
     return {
@@ -193,8 +195,9 @@ def _index(cfg: ExportConfig, run: Path, s: FeatureSamples, store: Store, record
 
 def run_export(cfg: ExportConfig) -> Path:
     """Write the JSON files or the HTML page; returns the file to open (features.json / index.html)."""
+    cfg = checked(cfg)
     index, records = build_records(cfg)
-    out = Path(cfg.out) if cfg.out else Path(cfg.run) / "export"
+    out = Path(cfg.out) if cfg.out else open_run(cfg.run).export_dir
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is a file: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -266,7 +269,7 @@ def show_feature(run: str | Path, feature: int, n: int = 10, color: bool | None 
                  cache: str | None = None) -> str:
     """One feature's strongest samples as text, the activating token highlighted (ANSI when
     `color`, default: when stdout is a terminal; else marked with « »)."""
-    run = require_run(run)
+    run = open_run(run)
     s = load_samples(run)
     check_feature(feature, s.d_latent)
     color = sys.stdout.isatty() if color is None else color
@@ -275,7 +278,7 @@ def show_feature(run: str | Path, feature: int, n: int = 10, color: bool | None 
     rows = [int(r) for r in s.top_rows[feature, :n] if r >= 0]
     if not rows:
         return head + "\n  no samples: this feature never fired above the sample threshold"
-    store = open_run_store(run, cache)
+    store = run.store(cache)
     vocab = store.vocab()
     starts = context_starts(np.array(rows), store.flags, store.seq_len, context)
     lines = [head]

@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.metrics import read_metrics
+from pipeline.run import Run, is_run
 from pipeline.store import Store, is_store
 from pipeline.util import UserError
 
@@ -19,8 +21,8 @@ def describe(path: str | Path) -> str:
         raise UserError(f"{path} does not exist: give a store (tc cache --out) or a run folder (tc train --out)")
     if is_store(path):
         return "\n".join(describe_store(path))
-    if (path / "config.json").exists() and ((path / "checkpoints").exists() or (path / "metrics.jsonl").exists()):
-        return "\n".join(describe_run(path))
+    if is_run(path):
+        return "\n".join(describe_run(Run(path)))
     raise UserError(f"{path} is neither a tc store nor a tc run folder")
 
 
@@ -60,16 +62,9 @@ def describe_store(path: Path) -> list[str]:
     return lines
 
 
-def last_metrics(path: Path) -> dict[str, Any] | None:
-    metrics = path / "metrics.jsonl"
-    if not metrics.exists():
-        return None
-    rows = [line for line in metrics.read_text().splitlines() if line.strip()]
-    return json.loads(rows[-1]) if rows else None
-
-
-def describe_run(path: Path) -> list[str]:
-    cfg = json.loads((path / "config.json").read_text())
+def describe_run(run: Run) -> list[str]:
+    path = run.path
+    cfg = run.config()
     store = cfg.get("store", {})
     groups = cfg.get("groups")
     lines = [f"run        {path}  ({folder_bytes(path) / 1e6:,.1f} MB on disk)",
@@ -77,28 +72,26 @@ def describe_run(path: Path) -> list[str]:
              f"{store.get('n_rows', 0):,} rows)",
              f"dictionary {cfg.get('dict_size'):,} latents, groups {groups}, k {cfg.get('k')}, lr {cfg.get('lr')}, "
              f"batch {cfg.get('batch_size')}"]
-    latest = path / "checkpoints" / "latest"
-    step = None
-    if latest.exists():
-        step = latest.read_text().strip()
+    step = run.latest_step_name()
     total = cfg.get("total_steps")
-    if (path / "summary.json").exists():
+    if run.finished:
         lines.append(f"state      complete: {total} steps")
     elif step:
         lines.append(f"state      interrupted at {step} of {total} steps; resume with "
                      f"`tc train --cache {cfg.get('cache')} --resume {path}`")
     else:
         lines.append("state      started, no checkpoint yet: start again")
-    m = last_metrics(path)
+    rows = read_metrics(run.metrics_file)
+    m = rows[-1] if rows else None
     if m:
         lines.append(f"metrics    step {m.get('step')}: loss {m.get('loss'):.4g}, FVU {m.get('fvu'):.4f}, "
                      f"L0 {m.get('l0'):.1f}, dead {m.get('dead_features')}")
-    if (path / "eval.json").exists():
-        ev = json.loads((path / "eval.json").read_text())
+    if run.eval_file.exists():
+        ev = json.loads(run.eval_file.read_text())
         fr = ev.get("lm", {}).get("fraction_recovered", ev.get("fraction_recovered"))
         if fr is not None:
             lines.append(f"eval       fraction of loss recovered {fr:.3f}")
-    extras = [name for name in ("activation_samples", "samples", "export") if (path / name).exists()]
+    extras = [p.name for p in (run.training_samples_dir, run.exact_samples_dir, run.export_dir) if p.exists()]
     if extras:
         lines.append("samples    " + ", ".join(extras))
     v = cfg.get("versions", {})

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.store import FLAG_BOS, FLAG_OVERFLOW, Store
+from pipeline.store import Store
 from pipeline.util import UserError
 
 DEFAULT_GROUP_CHUNKS = 8
@@ -47,15 +47,14 @@ class ChunkLoader:
     """Iterate to get `Batch`es forever; `position` is what a checkpoint needs; call `close()`."""
 
     def __init__(self, store: Store, batch_size: int, *, seed: int = 0, position: int = 0,
-                 group_chunks: int = DEFAULT_GROUP_CHUNKS, skip_flags: int = FLAG_BOS | FLAG_OVERFLOW,
+                 group_chunks: int = DEFAULT_GROUP_CHUNKS, include_bos: bool = False,
                  norm: dict | None = None, device: str | torch.device = "cpu", prefetch_batches: int = 4):
         self.store = store
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.group_chunks = max(1, int(group_chunks))
         self.device = torch.device(device)
-        flags = store.flags
-        self.usable_mask = (flags & skip_flags) == 0                       # (n_rows,) bool
+        self.usable_mask = store.usable(include_bos)                       # (n_rows,) bool
         starts = np.arange(store.n_chunks) * store.chunk_rows
         self.chunk_usable = np.add.reduceat(self.usable_mask.astype(np.int64), starts) if store.n_chunks else np.zeros(0, np.int64)
         self.rows_per_epoch = int(self.chunk_usable.sum())

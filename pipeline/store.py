@@ -32,6 +32,16 @@ META_COLUMNS = ["committed", "rows", "stat_rows", "overflow_source", "overflow_t
 LOCK_NAME = ".tc-writer.lock"
 
 
+def skip_flags(include_bos: bool = False) -> int:
+    """The flags of rows every stage leaves out: clamped rows always, BOS rows unless asked for."""
+    return FLAG_OVERFLOW | (0 if include_bos else FLAG_BOS)
+
+
+def usable_mask(flags: np.ndarray, include_bos: bool = False) -> np.ndarray:
+    """Which rows statistics, training, samples and eval use: the one definition of "usable"."""
+    return (flags & skip_flags(include_bos)) == 0
+
+
 def chunk_rows_for(seq_len: int, target: int = DEFAULT_CHUNK_ROWS) -> int:
     """Whole sequences per chunk, about `target` rows: a chunk never splits a sequence."""
     return max(1, round(target / seq_len)) * seq_len
@@ -192,7 +202,7 @@ class StoreWriter:
             (src16, tgt16), (src_over, tgt_over) = (source, target), clamped
         flags = np.where(bos_mask, FLAG_BOS, 0).astype(np.uint8)
         flags |= np.where(src_over | tgt_over, FLAG_OVERFLOW, 0).astype(np.uint8)
-        keep = flags == 0
+        keep = usable_mask(flags)
         # statistics of what is stored (the fp16 values), so a reader can recompute them exactly
         src_sum, src_sq, src_norm = chunk_sums(src16[keep])
         tgt_sum, tgt_sq, tgt_norm = chunk_sums(tgt16[keep])
@@ -398,6 +408,13 @@ class Store:
         if self._flags is None:
             self._flags = self.group["flags"][: self.n_rows]
         return self._flags
+
+    def usable(self, include_bos: bool = False) -> np.ndarray:
+        """(n_rows,) bool: the rows a stage may use (see usable_mask)."""
+        return usable_mask(self.flags, include_bos)
+
+    def n_usable(self, include_bos: bool = False) -> int:
+        return int(self.usable(include_bos).sum())
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per-side mean (d,), var (d,), mean_norm, mean_sq_norm, count over unflagged rows."""

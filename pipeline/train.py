@@ -1,49 +1,46 @@
-"""`tc train`: train a Matryoshka BatchTopK transcoder from a store (run folder layout in docs/transcoder.md).
+"""`tc train`: train a Matryoshka BatchTopK transcoder from a store, into a run folder.
 
-RUN/
-  config.json              resolved TrainConfig (flat) + store identity, total_steps, versions
-  metrics.jsonl            one JSON object per logged step (step, loss, fvu, fvu_levels, l0, ...)
-  checkpoints/step_XXXXXX/ transcoder.safetensors, config.json, state.pt (everything to resume)
-  checkpoints/latest       name of the newest complete checkpoint (replaced atomically)
-  transcoder.safetensors   the final transcoder (documented layout)
-  plots/*.png              curves of the logged metrics
-  summary.json             final metrics; written last, so its presence marks a finished run
-  activation_samples/      feature samples, written by the samples collector (pipeline/samples.py)
+The folder's layout and every question about it belong to pipeline/run.py; checkpoints to
+pipeline/checkpoints.py; metrics, plots and W&B to pipeline/metrics.py; the feature-sample
+collector is handed in (pipeline/collector.py makes the default one). This module holds the
+config, its checks, the schedule and the loop.
 
-Resume (`--resume RUN`) continues from checkpoints/latest; on CPU the result is bit-identical to an
-uninterrupted run. Options left at their default take the run's saved value; an option given with a
-different value than the run's is refused, except the ones in RESUME_FREE (they do not change the
-weights). Changing --steps/--tokens is refused too: the schedule depends on the total.
+Resume (`--resume RUN`) continues from the latest checkpoint; on CPU the result is bit-identical to an
+uninterrupted run. An option the user gave (on the command line or in a --config file, default
+value or not) must equal the run's saved value, except the ones in RESUME_FREE (they do not change
+the weights); options not given take the run's values. Changing --steps/--tokens is refused too:
+the schedule depends on the total.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import math
 import os
-import secrets
-import shutil
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.checkpoints import checkpoint_meta, read_checkpoint, rng_state, set_rng_state, write_checkpoint
+from pipeline.collector import SampleSettings, make_collector
+from pipeline.config import checked
 from pipeline.loader import ChunkLoader
-from pipeline.store import FLAG_BOS, FLAG_OVERFLOW, Store
+from pipeline.metrics import Metrics, WandbLogger, read_metrics, truncate_metrics, write_plots
+from pipeline.run import TRANSCODER, Run
+from pipeline.store import Store
 from pipeline.transcoder import Transcoder, TranscoderOutput, norm_constants
 from pipeline.util import (UserError, fault_point, opt, parse_count, parse_int_list, pick_device, to_jsonable,
-                           versions, write_config_toml, write_file_atomic, write_json_atomic)
+                           versions, write_config_toml, write_json_atomic)
 
 KILL_ENV = "TC_TRAIN_KILL_AT_STEP"   # testing hook: SIGKILL this process right after that step
 RESUME_FREE = {"resume", "out", "cache", "device", "log_every", "checkpoint_every", "keep_checkpoints",
                "wandb_project"}
-CHECKPOINTS = "checkpoints"
 
 
 def _opt_count(text: str | int | None) -> int | None:
@@ -108,20 +105,26 @@ class TrainConfig:
     top_features: int = opt(100, "Features written to activation_samples/ at the end.", "Samples")
     samples_per_feature: int = opt(10, "Samples written per feature at the end.", "Samples")
 
+    def sample_settings(self) -> SampleSettings:
+        return SampleSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SampleSettings)})
+
 
 class Collector(Protocol):
-    """What the trainer needs from a feature-sample collector (pipeline/samples.py implements it)."""
+    """What the trainer needs from a feature-sample collector (pipeline/collector.py makes one)."""
 
     def observe(self, step: int, out: TranscoderOutput, row_ids: torch.Tensor) -> None:
-        """Called every `sample_every` steps with that step's forward output (BatchTopK active
-        pairs: out.rows, out.cols, out.vals) and the batch's store rows (B,) int64 on the device."""
+        """Called every `sample_every` steps with that step's forward output (active pairs:
+        out.rows, out.cols, out.vals) and the batch's store rows (B,) int64 on the device."""
 
     def state_dict(self) -> dict[str, Any]:
         """Plain tensors / numbers only (loaded with torch.load(weights_only=True))."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
-    def finish(self, run_dir: Path, store: Store, cfg: TrainConfig) -> Any: ...
+    def finish(self, run: Run, store: Store) -> Any: ...
+
+
+CollectorFactory = Callable[[SampleSettings, int, torch.device, Store], Collector]
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -150,12 +153,8 @@ def default_groups(dict_size: int) -> list[int]:
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill derived defaults (groups); parse text values a caller may pass."""
-    cfg = dataclasses.replace(cfg)
-    cfg.groups = _opt_list(cfg.groups)
-    cfg.steps = _opt_count(cfg.steps)
-    cfg.tokens = _opt_count(cfg.tokens)
-    cfg.dead_tokens = parse_count(cfg.dead_tokens)
+    """A checked config (values parsed, pipeline/config.py) with its derived defaults filled: the groups."""
+    cfg = checked(cfg)
     if cfg.groups is None and cfg.dict_size >= 8:
         cfg.groups = default_groups(cfg.dict_size)
     return cfg
@@ -232,17 +231,21 @@ def auto_run_dir(cfg: TrainConfig, store: Store) -> Path:
     return path
 
 
-def merge_resume(cfg: TrainConfig, saved: dict[str, Any], run_dir: Path) -> TrainConfig:
-    """The run's saved config, with the options the user changed: RESUME_FREE ones are taken,
-    others must equal the saved value (an option left at its default takes the saved value)."""
+def merge_resume(cfg: TrainConfig, saved: dict[str, Any], run_dir: Path,
+                 given: set[str] | None = None) -> TrainConfig:
+    """The run's saved config, with what the user gave: RESUME_FREE options are taken, the others
+    must equal the saved value. `given`: the options the user typed (command line or config file);
+    a Python caller that passes None is taken to have given the options that differ from the defaults."""
     defaults = TrainConfig()
+    if given is None:
+        given = {f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) != getattr(defaults, f.name)}
     merged = {}
     changed = []
     for f in dataclasses.fields(TrainConfig):
-        mine, theirs, default = getattr(cfg, f.name), saved.get(f.name), getattr(defaults, f.name)
+        mine, theirs = getattr(cfg, f.name), saved.get(f.name)
         if f.name in RESUME_FREE:
-            merged[f.name] = mine if mine != default else theirs
-        elif mine != default and mine != theirs:
+            merged[f.name] = mine if f.name in given or f.name not in saved else theirs
+        elif f.name in given and mine != theirs:
             changed.append(f"--{f.name.replace('_', '-')} {mine} (run: {theirs})")
             merged[f.name] = theirs
         else:
@@ -266,277 +269,55 @@ def check_store_matches(store: Store, saved_store: dict[str, Any], run_dir: Path
                         f"{', '.join(keys)}): resume with --cache {saved_store.get('path')}")
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / CHECKPOINTS / "latest"
-    if not pointer.exists():
-        return None
-    path = run_dir / CHECKPOINTS / pointer.read_text().strip()
-    return path if (path / "state.pt").exists() else None
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_checkpoint(run_dir: Path, step: int, model: Transcoder, state: dict[str, Any],
-                     config: dict[str, Any], keep: int) -> Path:
-    """checkpoints/step_XXXXXX written in a temp folder, renamed into place, then `latest` replaced:
-    a kill at any moment leaves `latest` naming a complete checkpoint."""
-    root = run_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:06d}"
-    tmp, final = root / f".tmp_{name}", root / name
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model.save(tmp / "transcoder.safetensors")
-    write_json_atomic(tmp / "config.json", config)
-    with open(tmp / "state.pt", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():   # left by a run killed after the rename; same step, same content
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    write_file_atomic(root / "latest", name)
-    _fsync_dir(root)
-    prune_checkpoints(root, keep, name)
-    return final
-
-
-def prune_checkpoints(root: Path, keep: int, latest: str) -> None:
-    if keep <= 0:
-        return
-    steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-    for p in steps[:-keep]:
-        if p.name != latest:
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-            "numpy_rest": [kind, int(pos), int(has_gauss), float(cached)]}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, pos, has_gauss, cached = state["numpy_rest"]
-    np.random.set_state((kind, state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
-
-
-# ----------------------------------------------------------------------------- metrics
-
-class Metrics:
-    """Window sums of the step metrics (on the device: no sync per step) and the metrics.jsonl file."""
-
-    def __init__(self, path: Path, n_groups: int, device: torch.device):
-        self.path = path
-        self.sums = torch.zeros(4 + n_groups, dtype=torch.float64, device=device)  # loss, fvu, l0, aux, levels
-        self.count = 0
-        self.window_start = time.perf_counter()
-        self.window_tokens = 0
-
-    def add(self, out: TranscoderOutput, batch_size: int) -> None:
-        with torch.no_grad():
-            vals = torch.cat([torch.stack([out.loss.detach(), out.fvu, out.l0.to(out.fvu.device),
-                                           out.aux_loss.detach()]), out.fvu_levels])
-            self.sums += vals.double()
-        self.count += 1
-        self.window_tokens += batch_size
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"sums": self.sums.cpu(), "count": self.count}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        self.sums.copy_(d["sums"])
-        self.count = int(d["count"])
-
-    def flush(self, step: int, batch_size: int, lr: float, model: Transcoder) -> dict[str, Any]:
-        m = (self.sums / max(self.count, 1)).tolist()
-        seconds = time.perf_counter() - self.window_start
-        dead = int(model.dead_mask().sum())
-        row = {"step": step, "tokens": step * batch_size, "loss": m[0], "fvu": m[1], "fvu_levels": m[4:],
-               "l0": m[2], "aux_loss": m[3], "dead_features": dead, "dead_fraction": dead / model.d_latent,
-               "lr": lr, "threshold": float(model.threshold),
-               "tokens_per_s": self.window_tokens / seconds if seconds > 0 else None}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-        self.sums.zero_()
-        self.count = 0
-        self.window_start = time.perf_counter()
-        self.window_tokens = 0
-        return row
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the lines up to `step` (and drop a line cut short by a kill): no duplicates on resume."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step", math.inf) <= step:
-            keep.append(line)
-    write_file_atomic(path, "".join(line + "\n" for line in keep))
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def write_plots(run_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
-    """PNG curves of the logged metrics in RUN/plots/."""
-    if not rows:
-        return []
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = run_dir / "plots"
-    out_dir.mkdir(exist_ok=True)
-    steps = [r["step"] for r in rows]
-    written = []
-    for key, log_y in (("loss", True), ("fvu", True), ("l0", False), ("dead_features", False), ("lr", False)):
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(steps, [r[key] for r in rows], label=key if key != "fvu" else "full")
-        if key == "fvu":
-            for i in range(len(rows[0].get("fvu_levels", []))):
-                ax.plot(steps, [r["fvu_levels"][i] for r in rows], label=f"prefix {i + 1}", alpha=0.7)
-            ax.legend()
-        if log_y and all(r[key] > 0 for r in rows):
-            ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel(key)
-        ax.set_title(f"{key} ({run_dir.name[:60]})", fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"{key}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-class WandbLogger:
-    def __init__(self, cfg: TrainConfig, run_dir: Path):
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("--wandb-project needs the wandb package: pip install wandb") from None
-        id_file = run_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
-        id_file.write_text(run_id)
-        self.run = wandb.init(project=cfg.wandb_project, name=run_dir.name, id=run_id, resume="allow",
-                              dir=str(run_dir), config=to_jsonable(cfg))
-
-    def log(self, row: dict[str, Any]) -> None:
-        flat = {k: v for k, v in row.items() if k != "fvu_levels" and v is not None}
-        flat.update({f"fvu_level_{i + 1}": v for i, v in enumerate(row["fvu_levels"])})
-        self.run.log(flat, step=row["step"])
-
-    def finish(self) -> None:
-        self.run.finish()
-
-
-def make_sample_collector(cfg: TrainConfig, d_latent: int, device: torch.device, store: Store) -> Collector | None:
-    """The samples helper's collector, when pipeline/samples.py provides one and sampling is on."""
-    if cfg.sample_every <= 0:
-        return None
-    try:
-        from pipeline.samples import make_collector
-    except ImportError as e:
-        if e.name in ("pipeline.samples",) or "make_collector" in str(e):
-            return None
-        raise
-    return make_collector(cfg, d_latent, device, store=store)
-
-
 # ----------------------------------------------------------------------------- the run
 
 @dataclass
 class Setup:
     cfg: TrainConfig
-    run_dir: Path
+    run: Run
     store: Store
     config: dict[str, Any]      # what config.json holds
     checkpoint: Path | None     # resume from here
 
 
-def prepare(cfg: TrainConfig) -> Setup:
+def prepare(cfg: TrainConfig, given: set[str] | None = None) -> Setup:
     """All checks before anything is written; returns the resolved plan."""
-    checkpoint = None
-    if cfg.resume is None:
-        cfg = resolve(cfg)
-        validate(cfg)
-    else:
-        run_dir = Path(cfg.resume)
-        if not (run_dir / "config.json").exists():
-            raise UserError(f"--resume {run_dir}: not a tc train run folder (no config.json)")
-        if cfg.out and Path(cfg.out).resolve() != run_dir.resolve():
-            raise UserError(f"--out {cfg.out} and --resume {run_dir} name different folders: drop --out")
-        try:
-            saved = json.loads((run_dir / "config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"--resume {run_dir}: its config.json is not valid JSON ({e})") from None
-        cfg = merge_resume(cfg, saved, run_dir)
-        validate(cfg)
-        store = open_store(cfg.cache)
-        check_store_matches(store, saved.get("store", {}), run_dir)
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is not None:
-            with safe_metadata(checkpoint / "transcoder.safetensors") as meta:
-                if int(meta["d_in"]) != store.d_model:
-                    raise UserError(f"store {store.path} has d_model {store.d_model} but the checkpoint "
-                                    f"{checkpoint} has d_in {meta['d_in']}: resume with the run's store")
-        return Setup(cfg, run_dir, store, saved, checkpoint)
+    cfg = checked(cfg)
+    if cfg.resume is not None:
+        return prepare_resume(cfg, given)
+    cfg = resolve(cfg)
+    validate(cfg)
     store = open_store(cfg.cache)
-    run_dir = Path(cfg.out) if cfg.out else auto_run_dir(cfg, store)
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise UserError(f"--out {run_dir} exists and is not empty: pick a new folder, or --resume {run_dir}")
-    cfg.out = str(run_dir)
+    run = Run(cfg.out) if cfg.out else Run(auto_run_dir(cfg, store))
+    if run.path.exists() and (not run.path.is_dir() or any(run.path.iterdir())):
+        raise UserError(f"--out {run.path} exists and is not empty: pick a new folder, or --resume {run.path}")
+    cfg.out = str(run.path)
     cfg.cache = str(Path(cfg.cache).resolve())
     total = total_steps(cfg, store)
     config = {**to_jsonable(cfg), "total_steps": total, "architecture": architecture(cfg.groups),
               "store": store_identity(store), "versions": versions(),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    return Setup(cfg, run_dir, store, config, None)
+    return Setup(cfg, run, store, config, None)
 
 
-class safe_metadata:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> dict[str, str]:
-        from safetensors import safe_open
-        self.f = safe_open(str(self.path), "pt")
-        return self.f.metadata() or {}
-
-    def __exit__(self, *exc) -> None:
-        del self.f
-
-
-def skip_flags(cfg: TrainConfig) -> int:
-    return FLAG_OVERFLOW if cfg.include_bos else FLAG_BOS | FLAG_OVERFLOW
-
-
-def usable_rows(store: Store, cfg: TrainConfig) -> int:
-    return int(((store.flags & skip_flags(cfg)) == 0).sum())
+def prepare_resume(cfg: TrainConfig, given: set[str] | None) -> Setup:
+    run = Run(cfg.resume)
+    if not run.exists:
+        raise UserError(f"--resume {run.path}: not a tc train run folder (no config.json)")
+    if cfg.out and Path(cfg.out).resolve() != run.path.resolve():
+        raise UserError(f"--out {cfg.out} and --resume {run.path} name different folders: drop --out")
+    saved = run.config()
+    cfg = merge_resume(cfg, saved, run.path, given)
+    validate(cfg)
+    store = open_store(cfg.cache)
+    check_store_matches(store, saved.get("store", {}), run.path)
+    checkpoint = run.latest_checkpoint()
+    if checkpoint is not None:
+        d_in = int(checkpoint_meta(checkpoint)["d_in"])
+        if d_in != store.d_model:
+            raise UserError(f"store {store.path} has d_model {store.d_model} but the checkpoint "
+                            f"{checkpoint} has d_in {d_in}: resume with the run's store")
+    return Setup(cfg, run, store, saved, checkpoint)
 
 
 def total_steps(cfg: TrainConfig, store: Store) -> int:
@@ -544,7 +325,7 @@ def total_steps(cfg: TrainConfig, store: Store) -> int:
         return cfg.steps
     if cfg.tokens is not None:
         return -(-cfg.tokens // cfg.batch_size)
-    usable = usable_rows(store, cfg)
+    usable = store.n_usable(cfg.include_bos)
     if usable == 0:
         raise UserError(f"{store.path} has no usable rows (all flagged): cache more text")
     return max(1, usable // cfg.batch_size)
@@ -582,39 +363,62 @@ def train_step(model: Transcoder, optimizer: torch.optim.Optimizer, x: torch.Ten
     return out
 
 
-def run_train(cfg: TrainConfig) -> Path:
-    """Train (or resume) a transcoder; returns the run folder."""
-    setup = prepare(cfg)
-    cfg, run_dir, store = setup.cfg, setup.run_dir, setup.store
-    if cfg.resume is not None and (run_dir / "summary.json").exists():
-        print(f"run {run_dir} has finished already: nothing to do")
-        return run_dir
+def start_run_folder(setup: Setup) -> None:
+    """config.json first (from then on the folder is a run), then the TOML that repeats the command."""
+    run, cfg = setup.run, setup.cfg
+    run.path.mkdir(parents=True, exist_ok=True)
+    if cfg.resume is None:
+        write_json_atomic(run.config_file, setup.config)
+        fault_point("train_config_written")
+    if not run.config_toml.exists():   # a run killed between the two writes gets it on resume
+        write_config_toml(run.config_toml, dataclasses.replace(cfg, resume=None))
+
+
+def run_train(cfg: TrainConfig, given: set[str] | None = None,
+              collector_factory: CollectorFactory = make_collector) -> Path:
+    """Train (or resume) a transcoder; returns the run folder. `given`: the options the user typed
+    (see merge_resume); `collector_factory` makes the feature-sample collector (sampling on)."""
+    setup = prepare(cfg, given)
+    cfg, run, store = setup.cfg, setup.run, setup.store
+    if cfg.resume is not None and run.finished:
+        print(f"run {run.path} has finished already: nothing to do")
+        return run.path
     device = torch.device(pick_device(cfg.device))
     total = int(setup.config["total_steps"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.resume is None:
-        write_json_atomic(run_dir / "config.json", setup.config)   # from here on the folder is a run
-        fault_point("train_config_written")
-    if not (run_dir / "tc-train.toml").exists():   # a run killed between the two writes gets it on resume
-        write_config_toml(run_dir / "tc-train.toml", dataclasses.replace(cfg, resume=None))
+    start_run_folder(setup)
     verb = "resuming" if setup.checkpoint is not None else "training"
-    print(f"{verb} {run_dir} ({total:,} steps of {cfg.batch_size:,} tokens); "
-          f"if interrupted: tc train --resume {run_dir}", flush=True)
+    print(f"{verb} {run.path} ({total:,} steps of {cfg.batch_size:,} tokens); "
+          f"if interrupted: tc train --resume {run.path}", flush=True)
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     model = build_model(cfg, store, device)
     optimizer = make_optimizer(model, cfg.lr, device)
-    metrics = Metrics(run_dir / "metrics.jsonl", len(cfg.groups), device)
-    collector = make_sample_collector(cfg, model.d_latent, device, store)
+    metrics = Metrics(run.metrics_file, len(cfg.groups), device)
+    collector = collector_factory(cfg.sample_settings(), model.d_latent, device, store) if cfg.sample_every > 0 else None
     step, position = 0, 0
     if setup.checkpoint is not None:
-        step, position = load_checkpoint(setup.checkpoint, model, optimizer, metrics, collector, device)
+        step, position = restore(setup.checkpoint, model, optimizer, metrics, collector)
     truncate_metrics(metrics.path, step)
 
-    wandb = WandbLogger(cfg, run_dir) if cfg.wandb_project else None
+    wandb = WandbLogger(cfg.wandb_project, run.path.name, run.path, run.wandb_id_file, cfg) if cfg.wandb_project else None
     loader = ChunkLoader(store, cfg.batch_size, seed=cfg.seed, position=position, norm=norm_constants(store.stats()),
-                         device=device, skip_flags=skip_flags(cfg))
+                         device=device, include_bos=cfg.include_bos)
+    try:
+        train_loop(setup, model, optimizer, metrics, collector, loader, wandb, step, total)
+    finally:
+        loader.close()
+    finish(run, model, store, collector, metrics)
+    if wandb:
+        wandb.finish()
+    return run.path
+
+
+def train_loop(setup: Setup, model: Transcoder, optimizer: torch.optim.Optimizer, metrics: Metrics,
+               collector: Collector | None, loader: ChunkLoader, wandb: WandbLogger | None, step: int,
+               total: int) -> None:
+    """Steps `step`..`total`: log every log_every steps, checkpoint every checkpoint_every and at the end."""
+    cfg = setup.cfg
     kill_at = int(os.environ.get(KILL_ENV, "-1"))
     bar = tqdm(total=total, initial=step, unit="step", desc="train", dynamic_ncols=True)
     try:
@@ -634,35 +438,35 @@ def run_train(cfg: TrainConfig) -> Path:
                 if wandb:
                     wandb.log(row)
             if step % cfg.checkpoint_every == 0 or step == total:
-                state = {"step": step, "loader_position": loader.position, "optimizer": optimizer.state_dict(),
-                         "tokens_since_fired": model.tokens_since_fired.cpu(),
-                         "threshold_updates": model.threshold_updates.cpu(), "metrics": metrics.state_dict(),
-                         "rng": rng_state(), "collector": collector.state_dict() if collector else None,
-                         "total_steps": total}
-                write_checkpoint(run_dir, step, model, state, setup.config, cfg.keep_checkpoints)
+                state = checkpoint_state(step, total, loader, optimizer, model, metrics, collector)
+                write_checkpoint(setup.run, step, model, state, setup.config, cfg.keep_checkpoints)
             bar.update(1)
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
     finally:
         bar.close()
-        loader.close()
-    finish(run_dir, model, cfg, store, collector, metrics)
-    if wandb:
-        wandb.finish()
-    return run_dir
 
 
-def load_checkpoint(path: Path, model: Transcoder, optimizer: torch.optim.Optimizer, metrics: Metrics,
-                    collector: Collector | None, device: torch.device) -> tuple[int, int]:
-    from safetensors.torch import load_file
+def checkpoint_state(step: int, total: int, loader: ChunkLoader, optimizer: torch.optim.Optimizer,
+                     model: Transcoder, metrics: Metrics, collector: Collector | None) -> dict[str, Any]:
+    """Everything besides the weights that an exact resume needs (state.pt)."""
+    return {"step": step, "loader_position": loader.position, "optimizer": optimizer.state_dict(),
+            "tokens_since_fired": model.tokens_since_fired.cpu(),
+            "sparsity": {k: v.cpu() for k, v in model.sparsity.state_dict().items()},
+            "metrics": metrics.state_dict(), "rng": rng_state(),
+            "collector": collector.state_dict() if collector else None, "total_steps": total}
 
-    tensors = load_file(str(path / "transcoder.safetensors"))
-    with torch.no_grad():
-        for name, value in tensors.items():
-            getattr(model, name).copy_(value)
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+
+def restore(path: Path, model: Transcoder, optimizer: torch.optim.Optimizer, metrics: Metrics,
+            collector: Collector | None) -> tuple[int, int]:
+    """Load a checkpoint into the live objects; returns (step, loader position)."""
+    tensors, state = read_checkpoint(path)
+    model.load_file_tensors(tensors)
     model.tokens_since_fired.copy_(state["tokens_since_fired"])
-    model.threshold_updates.copy_(state["threshold_updates"])
+    if "sparsity" in state:
+        model.sparsity.load_state_dict(state["sparsity"])
+    else:   # a tc 0.1 checkpoint: BatchTopK, its update count under its own name
+        model.sparsity.updates.copy_(state["threshold_updates"])
     optimizer.load_state_dict(state["optimizer"])
     metrics.load_state_dict(state["metrics"])
     set_rng_state(state["rng"])
@@ -671,56 +475,16 @@ def load_checkpoint(path: Path, model: Transcoder, optimizer: torch.optim.Optimi
     return int(state["step"]), int(state["loader_position"])
 
 
-def finish(run_dir: Path, model: Transcoder, cfg: TrainConfig, store: Store, collector: Collector | None,
-           metrics: Metrics) -> None:
+def finish(run: Run, model: Transcoder, store: Store, collector: Collector | None, metrics: Metrics) -> None:
     """Final transcoder, plots, samples; summary.json last (marks the run finished)."""
-    model.save(run_dir / "transcoder.safetensors")
+    model.save(run.transcoder_file)
     rows = read_metrics(metrics.path)
-    write_plots(run_dir, rows)
+    write_plots(run.plots_dir, rows, run.path.name)
     if collector is not None:
-        collector.finish(run_dir, store, cfg)
+        collector.finish(run, store)
     last = rows[-1] if rows else {}
-    write_json_atomic(run_dir / "summary.json", {
+    write_json_atomic(run.summary_file, {
         "steps": last.get("step"), "tokens": last.get("tokens"), "fvu": last.get("fvu"),
         "fvu_levels": last.get("fvu_levels"), "l0": last.get("l0"), "dead_features": last.get("dead_features"),
-        "dead_fraction": last.get("dead_fraction"), "threshold": float(model.threshold),
-        "transcoder": "transcoder.safetensors", "versions": versions()})
-
-
-# ----------------------------------------------------------------------------- reading a run folder
-# (for the stages after training: samples, export, eval)
-
-def require_run(run: str | Path | None) -> Path:
-    if run is None or not str(run).strip():
-        raise UserError("no run folder given: pass --run RUN (the folder `tc train` wrote)")
-    run = Path(run)
-    if not run.is_dir():
-        raise UserError(f"run folder {str(run)!r} does not exist: pass the folder `tc train` wrote (--run RUN)")
-    if not (run / "config.json").exists():
-        raise UserError(f"{run} is not a tc run folder (no config.json): pass the folder `tc train` wrote")
-    return run
-
-
-def run_config(run: Path) -> dict[str, Any]:
-    try:
-        return json.loads((run / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{run}/config.json is not valid JSON ({e})") from None
-
-
-def open_run_store(run: Path, cache: str | None = None) -> Store:
-    """The store a run was trained on (recorded as `cache` in its config.json), or `cache`."""
-    path = cache or run_config(run).get("cache")
-    if not path:
-        raise UserError(f"{run}/config.json records no store: pass --cache STORE")
-    if not Path(path).exists():
-        raise UserError(f"the store {path} of run {run} is not there: pass --cache STORE")
-    return Store(path).require_complete()
-
-
-def load_transcoder(run: Path, device: str | torch.device = "cpu") -> Transcoder:
-    path = run / "transcoder.safetensors"
-    if not path.exists():
-        raise UserError(f"{run} has no final transcoder ({path.name}): finish training first "
-                        f"(`tc train --resume {run}`)")
-    return Transcoder.load(path).to(device).eval()
+        "dead_fraction": last.get("dead_fraction"), **model.sparsity.summary(),
+        "transcoder": TRANSCODER, "versions": versions()})

@@ -7,10 +7,11 @@ Choices (also in docs/transcoder.md):
 - Normalisation: source and target each use their OWN store statistics: subtract the per-dim mean,
   divide by one scalar scale = sqrt(sum of per-dim variances / d), so E||x_n||^2 = d. Predictions
   are de-normalised with the TARGET's mean and scale.
-- Encoder: pre = x_n W_enc^T + b_enc. Training keeps the k*B largest positive pre-activations of
-  the whole batch (BatchTopK). Inference keeps pre > `threshold`, a batch-independent cutoff
-  estimated during training as an EMA of the smallest activation kept per batch (decay
-  n / (10 + n) after n batches, capped at 0.99, so short runs are not biased by their start).
+- Encoder: pre = x_n W_enc^T + b_enc. Which pre-activations are active is the sparsity rule's
+  choice (`self.sparsity`, pipeline/sparsity.py): BatchTopK while training, a batch-independent
+  threshold at inference.
+- Decoding lives in one place, `decode_prefixes`: training, eval, samples and export all get
+  their per-prefix predictions from it (`forward`, `predict_prefixes`, `predict`).
 - Sparse compute: the dense pre-activations are computed once without autograd (to choose the
   active set); the backward of encoder and decoder only touches the nnz active pairs
   (O(nnz * d) instead of O(B * L * d)). `dense=True` runs the plain dense reference instead.
@@ -36,16 +37,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.util import replaced_atomically
+from pipeline.sparsity import BatchTopK, rule_from_spec
+from pipeline.util import UserError, replaced_atomically
 
 FORMAT = "tc-transcoder"
-FORMAT_VERSION = 1
-THRESHOLD_DECAY = 0.99   # EMA decay of the inference threshold (after a warm start, see _update_stats)
-CANDIDATE_STRIDE = 61    # subsample stride used to find a cheap lower bound for the BatchTopK cutoff
+FORMAT_VERSION = 2       # 2: the metadata names the sparsity rule ("sparsity"); version 1 files are BatchTopK
+READABLE_VERSIONS = (1, 2)
 ENCODER_INIT_SCALE = 0.1  # encoder rows start at this norm (decoder rows at 1)
 GATHER_CHUNK = 8192      # entries per chunk in the decoder backward (bounds nnz x d temporaries)
 
@@ -124,27 +126,6 @@ class SparseDecode(torch.autograd.Function):
         return grad_vals, grad_w, None, None, None, None
 
 
-def batch_topk_indices(flat: Tensor, n_keep: int) -> Tensor:
-    """Ascending indices of the n_keep largest POSITIVE values of `flat` (ties at the cutoff all
-    kept). A strided subsample gives a cheap lower bound c, so the exact top-n_keep is found among
-    the few values >= c instead of over everything; exact either way (falls back when c is too high)."""
-    tiny = torch.finfo(flat.dtype).tiny
-    if n_keep >= flat.numel():
-        return (flat > 0).nonzero().squeeze(1)
-    sample = flat[::CANDIDATE_STRIDE]
-    q = min(sample.numel(), int(1.5 * n_keep / CANDIDATE_STRIDE) + 64)
-    c = sample.topk(q, sorted=False).values.min().clamp(min=tiny)
-    cand = (flat >= c).nonzero().squeeze(1)                    # one pass over B * L
-    if len(cand) < n_keep:
-        if float(c) <= tiny:                                   # fewer positives than n_keep: keep all
-            return cand
-        cut = flat.topk(n_keep, sorted=False).values.min().clamp(min=tiny)
-        return (flat >= cut).nonzero().squeeze(1)
-    vals = flat[cand]
-    cut = vals.topk(n_keep, sorted=False).values.min()
-    return cand[vals >= cut]
-
-
 def per_sample_weight_grad(grad_out: Tensor, weight: Tensor, cols: Tensor, bags: Tensor,
                            offsets: Tensor) -> Tensor:
     """grad_vals[e] = grad_out[bags[e]] . weight[cols[e]] without (nnz, d) temporaries when torch's
@@ -163,13 +144,16 @@ def per_sample_weight_grad(grad_out: Tensor, weight: Tensor, cols: Tensor, bags:
 # ----------------------------------------------------------------------------- the module
 
 class Transcoder(nn.Module):
-    def __init__(self, d_in: int, d_out: int, groups: list[int], k: int, *, aux_k: int = 512,
+    def __init__(self, d_in: int, d_out: int, groups: list[int], k: int | None = None, *, aux_k: int = 512,
                  aux_coef: float = 1 / 32, dead_tokens: int = 100_000, dense: bool = False,
-                 meta: dict[str, Any] | None = None, seed: int | None = None):
+                 meta: dict[str, Any] | None = None, seed: int | None = None, sparsity: nn.Module | None = None):
         super().__init__()
         if sum(groups) <= 0 or any(g <= 0 for g in groups):
             raise ValueError(f"groups must be positive sizes, got {groups}")
-        self.d_in, self.d_out, self.k = d_in, d_out, k
+        if (sparsity is None) == (k is None):
+            raise ValueError("give k (BatchTopK) or a sparsity rule, not both")
+        self.d_in, self.d_out = d_in, d_out
+        self.sparsity = sparsity if sparsity is not None else BatchTopK(k)
         self.aux_k, self.aux_coef, self.dead_tokens, self.dense = aux_k, aux_coef, dead_tokens, dense
         self.meta = dict(meta or {})   # model, layer, hooks: recorded in the safetensors metadata
         self.set_groups(groups)
@@ -189,14 +173,17 @@ class Transcoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(L))         # (L,)
         self.W_dec = nn.Parameter(w_dec)                  # (L, d_out)
         self.b_dec = nn.Parameter(torch.zeros(d_out))     # (d_out,)
-        self.register_buffer("threshold", torch.tensor(0.0))   # 0 = not estimated yet
         self.register_buffer("source_mean", torch.zeros(d_in))
         self.register_buffer("source_scale", torch.tensor(1.0))
         self.register_buffer("target_mean", torch.zeros(d_out))
         self.register_buffer("target_scale", torch.tensor(1.0))
         # training state (saved in checkpoints, not in the exported layout)
         self.register_buffer("tokens_since_fired", torch.zeros(L, dtype=torch.int64))
-        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
+
+    @property
+    def k(self) -> int | None:
+        """Active latents per row of the rule, when it has such a number."""
+        return getattr(self.sparsity, "k", None)
 
     # -- configuration
 
@@ -236,14 +223,13 @@ class Transcoder(nn.Module):
         return torch.addmm(self.b_enc, x_n, self.W_enc.t())   # (B, L), no relu: cutoffs are > 0
 
     def _select(self, pre: Tensor, use_threshold: bool) -> tuple[Tensor, Tensor]:
-        """Active (rows, cols), sorted by (group, row, latent). pre: (B, L), no grad."""
-        B, L = pre.shape
-        flat = pre.reshape(-1)
+        """Active (rows, cols), sorted by (group, row, latent). pre: (B, L), no grad.
+        use_threshold: the rule's batch-independent inference choice, else its training choice."""
+        L = pre.shape[1]
         if use_threshold:
-            cut = self.threshold.clamp(min=torch.finfo(pre.dtype).tiny)
-            idx = (flat > cut).nonzero().squeeze(1)
+            idx = self.sparsity.inference_indices(pre)
         else:
-            idx = batch_topk_indices(flat, self.k * B)
+            idx = self.sparsity.training_indices(pre)
         rows, cols = idx // L, idx % L                 # row-major: sorted by (row, latent)
         if len(self.groups) > 1:
             # regroup by latent group; boolean selection keeps the row order inside each group
@@ -260,25 +246,23 @@ class Transcoder(nn.Module):
 
     def forward(self, x_n: Tensor, y_n: Tensor, use_threshold: bool = False,
                 update_stats: bool | None = None) -> TranscoderOutput:
-        """x_n: (B, d_in), y_n: (B, d_out), both NORMALISED. BatchTopK unless use_threshold.
-        update_stats (default: self.training) updates dead-latent counters and the threshold."""
+        """x_n: (B, d_in), y_n: (B, d_out), both NORMALISED. The rule's training choice unless
+        use_threshold. update_stats (default: self.training) updates the dead-latent counters and
+        the rule's learned state (BatchTopK's threshold)."""
         if update_stats is None:
             update_stats = self.training
         B = x_n.shape[0]
-        G = len(self.groups)
         with torch.no_grad():
             pre = self._pre(x_n)                                       # (B, L)
             rows, cols = self._select(pre, use_threshold)              # (nnz,), (nnz,)
             raw_vals = pre[rows, cols]                                 # (nnz,) all > 0
         if self.dense:
-            parts, vals = self._dense_decode(x_n, rows, cols, pre)     # (G, B, d_out)
+            parts, _ = self._dense_decode(x_n, rows, cols, pre)        # (G, B, d_out)
+            preds = parts.cumsum(0) + self.b_dec
         else:
             col_order = torch.argsort(cols)
             vals = SparseEncode.apply(x_n, self.W_enc, self.b_enc, rows, cols, raw_vals, col_order)
-            bags = self.group_of(cols) * B + rows                      # sorted by construction
-            parts = SparseDecode.apply(vals, self.W_dec, cols, bags, G * B, col_order)
-            parts = parts.view(G, B, self.d_out)
-        preds = parts.cumsum(0) + self.b_dec                           # (G, B, d_out) prefix i
+            preds = self.decode_prefixes(rows, cols, vals, B, col_order)   # (G, B, d_out) prefix i
         err = y_n.unsqueeze(0) - preds
         mse = err.pow(2).mean(dim=(1, 2))                              # (G,)
         aux = self._aux_loss(x_n, y_n, preds[-1], pre)
@@ -291,6 +275,17 @@ class Transcoder(nn.Module):
         return TranscoderOutput(loss=loss, mse=mse, aux_loss=aux, fvu=fvu_levels[-1], fvu_levels=fvu_levels,
                                 l0=torch.tensor(len(cols) / B), rows=rows, cols=cols, vals=raw_vals,
                                 pred=preds[-1].detach())
+
+    def decode_prefixes(self, rows: Tensor, cols: Tensor, vals: Tensor, B: int,
+                        col_order: Tensor | None = None) -> Tensor:
+        """The prediction of every Matryoshka prefix in normalised target units, (G, B, d_out):
+        prefix i from latents < m_i, plus b_dec. (rows, cols, vals) are the active pairs sorted by
+        (group, row, latent), as `_select` gives them. Sparse (one embedding-bag per (group, row)),
+        never B x L x d; differentiable in vals and W_dec (pass col_order = argsort(cols) then)."""
+        G = len(self.groups)
+        bags = self.group_of(cols) * B + rows                          # sorted by construction
+        parts = SparseDecode.apply(vals, self.W_dec, cols, bags, G * B, col_order)
+        return parts.view(G, B, self.d_out).cumsum(0) + self.b_dec
 
     def _dense_decode(self, x_n: Tensor, rows: Tensor, cols: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
         """Reference path (and the SAELens way): dense acts (B, L) @ W_dec per group."""
@@ -331,16 +326,10 @@ class Transcoder(nn.Module):
         return (residual - aux_pred).pow(2).mean()
 
     def _update_stats(self, cols: Tensor, vals: Tensor, B: int) -> None:
-        """Dead-latent counters and the inference threshold (EMA of the smallest kept value)."""
+        """Dead-latent counters, and what the sparsity rule learns from a training batch."""
         self.tokens_since_fired += B
         self.tokens_since_fired[cols] = 0
-        if len(vals):
-            # decay n / (10 + n), capped at THRESHOLD_DECAY: the first batch sets the value and
-            # early (fast-changing) estimates are forgotten quickly; no host sync
-            n = self.threshold_updates.double()
-            decay = torch.clamp(n / (10 + n), max=THRESHOLD_DECAY).to(self.threshold.dtype)
-            self.threshold.copy_(self.threshold * decay + (1 - decay) * vals.min())
-            self.threshold_updates += 1
+        self.sparsity.observe(vals)
 
     # -- decoder norm
 
@@ -359,25 +348,34 @@ class Transcoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, x_raw: Tensor) -> Tensor:
-        """(B, d_in) raw source -> (B, L) dense activations, threshold rule (batch-independent)."""
-        pre = self._pre(self.normalize_source(x_raw))
-        return torch.where(pre > self.threshold, pre, torch.zeros_like(pre)).clamp(min=0)
+        """(B, d_in) raw source -> (B, L) dense activations, the rule's inference (batch-independent)."""
+        return self.sparsity.inference_dense(self._pre(self.normalize_source(x_raw)))
+
+    @torch.no_grad()
+    def encode_rows(self, source: np.ndarray) -> Tensor:
+        """Raw store rows (n, d_in), any float dtype (fp16 as stored) -> (n, L) float32 activations
+        on the transcoder's device (inference rule)."""
+        return self.encode(torch.from_numpy(source).to(self.W_enc.device).float()).float()
 
     @torch.no_grad()
     def encode_sparse(self, x_raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, d_in) raw source -> (rows, cols, vals) of the threshold encoding."""
+        """(B, d_in) raw source -> (rows, cols, vals) of the inference encoding."""
         pre = self._pre(self.normalize_source(x_raw))
         rows, cols = self._select(pre, use_threshold=True)
         return rows, cols, pre[rows, cols]
 
     @torch.no_grad()
-    def predict(self, x_raw: Tensor) -> Tensor:
-        """(B, d_in) raw source -> (B, d_out) predicted raw target (threshold encoding)."""
+    def predict_prefixes(self, x_raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, d_in) raw source -> the prediction of every prefix in raw target units (G, B, d_out),
+        and the active (rows, cols) pairs (inference rule)."""
         rows, cols, vals = self.encode_sparse(x_raw)
-        order = torch.argsort(rows, stable=True)
-        y_n = F.embedding_bag(cols[order], self.W_dec, segment_offsets(rows[order], x_raw.shape[0]),
-                              mode="sum", per_sample_weights=vals[order]) + self.b_dec
-        return self.denormalize_target(y_n)
+        preds = self.decode_prefixes(rows, cols, vals, x_raw.shape[0])
+        return self.denormalize_target(preds), rows, cols
+
+    @torch.no_grad()
+    def predict(self, x_raw: Tensor) -> Tensor:
+        """(B, d_in) raw source -> (B, d_out) predicted raw target (the whole dictionary)."""
+        return self.predict_prefixes(x_raw)[0][-1]
 
     # -- files
 
@@ -386,9 +384,10 @@ class Transcoder(nn.Module):
         from safetensors.torch import save_file
 
         path = Path(path)
-        tensors = {name: getattr(self, name).detach().float().cpu().contiguous() for name in EXPORTED}
+        tensors = {name: t.detach().float().cpu().contiguous() for name, t in self.file_tensors().items()}
         meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "d_in": str(self.d_in),
-                "d_out": str(self.d_out), "d_latent": str(self.d_latent), "k": str(self.k),
+                "d_out": str(self.d_out), "d_latent": str(self.d_latent),
+                "sparsity": json.dumps(self.sparsity.spec()), **({"k": str(self.k)} if self.k is not None else {}),
                 "groups": json.dumps(self.groups), "aux_k": str(self.aux_k), "aux_coef": repr(self.aux_coef),
                 "dead_tokens": str(self.dead_tokens),
                 "hooks": json.dumps(self.meta.get("hooks", {})), "meta": json.dumps(self.meta)}
@@ -400,28 +399,36 @@ class Transcoder(nn.Module):
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        from pipeline.util import UserError
-
         path = Path(path)
         if not path.exists():
             raise UserError(f"no transcoder at {path}: train one with `tc train`")
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-        if meta.get("format") != FORMAT or int(meta.get("format_version", -1)) != FORMAT_VERSION:
-            raise UserError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} file "
-                            f"(found {meta.get('format')} v{meta.get('format_version')})")
-        model = cls(int(meta["d_in"]), int(meta["d_out"]), json.loads(meta["groups"]), int(meta["k"]),
+        version = str(meta.get("format_version", ""))
+        if meta.get("format") != FORMAT or not version.isdigit() or int(version) not in READABLE_VERSIONS:
+            readable = ", ".join(f"v{v}" for v in READABLE_VERSIONS)
+            raise UserError(f"{path} is not a {FORMAT} file this tc reads ({readable}; found "
+                            f"{meta.get('format')} v{meta.get('format_version')})")
+        # version 1 files are all BatchTopK, their k a metadata key of its own
+        spec = json.loads(meta["sparsity"]) if "sparsity" in meta else {"rule": "batchtopk", "k": int(meta["k"])}
+        model = cls(int(meta["d_in"]), int(meta["d_out"]), json.loads(meta["groups"]),
                     aux_k=int(meta.get("aux_k", 512)), aux_coef=float(meta.get("aux_coef", 1 / 32)),
-                    dead_tokens=int(meta.get("dead_tokens", 100_000)), meta=json.loads(meta.get("meta", "{}")))
-        tensors = load_file(str(path))
-        with torch.no_grad():
-            for name in EXPORTED:
-                getattr(model, name).copy_(tensors[name])
+                    dead_tokens=int(meta.get("dead_tokens", 100_000)), meta=json.loads(meta.get("meta", "{}")),
+                    sparsity=rule_from_spec(spec))
+        model.load_file_tensors(load_file(str(path)))
         return model.to(device)
 
+    def file_tensors(self) -> dict[str, Tensor]:
+        """The tensors of the file layout (docs/transcoder.md), by their names in the file."""
+        return {**{name: getattr(self, name) for name in EXPORTED}, **self.sparsity.file_tensors()}
 
-EXPORTED = ["W_enc", "b_enc", "W_dec", "b_dec", "threshold", "source_mean", "source_scale",
-            "target_mean", "target_scale"]
+    @torch.no_grad()
+    def load_file_tensors(self, tensors: dict[str, Tensor]) -> None:
+        for name, mine in self.file_tensors().items():
+            mine.copy_(tensors[name])
+
+
+EXPORTED = ["W_enc", "b_enc", "W_dec", "b_dec", "source_mean", "source_scale", "target_mean", "target_scale"]
 
 
 def norm_constants(stats: dict[str, dict[str, Any]]) -> dict[str, Any]:

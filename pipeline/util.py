@@ -48,9 +48,11 @@ def parse_count(text: str | int) -> int:
 
 
 def parse_int_list(text: str | list) -> list[int]:
-    """'64,128,256' -> [64, 128, 256]."""
+    """'64,128,256' -> [64, 128, 256]; a list of whole numbers as it is."""
     if isinstance(text, list):
-        return [int(v) for v in text]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in text):
+            raise UserError(f"bad list {text!r}: write whole numbers, e.g. [64, 128, 256]")
+        return list(text)
     try:
         return [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError:

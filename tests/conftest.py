@@ -84,3 +84,20 @@ def one_thread():
 def synthetic_store(tmp_path_factory) -> Path:
     """A complete 8,192-row, d=32 synthetic store shared by the session's tests (read-only!)."""
     return write_synthetic_store(tmp_path_factory.mktemp("stores") / "synthetic.zarr")
+
+
+def rewrite_as_tc_0_1_transcoder(path: str | Path, out: str | Path | None = None) -> Path:
+    """The transcoder file at `path` as tc 0.1 wrote it: the same tensors, format_version 1, k as a
+    metadata key of its own and no "sparsity" key. Written to `out` (default: in place)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    assert json.loads(meta.pop("sparsity"))["rule"] == "batchtopk"
+    meta["format_version"] = "1"
+    out = Path(out or path)
+    save_file(load_file(str(path)), str(out), metadata=meta)
+    return out

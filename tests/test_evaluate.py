@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import evaluate as ev
+from pipeline import lm_eval, row_eval
 from pipeline.store import Store
 from pipeline.transcoder import Transcoder, norm_constants
 from pipeline.util import UserError
@@ -22,30 +23,30 @@ BOS = 2
 # ----------------------------------------------------------------------------- the math
 
 def test_fraction_recovered():
-    assert ev.fraction_recovered(2.0, 2.0, 3.0) == 1.0
-    assert ev.fraction_recovered(2.0, 3.0, 3.0) == 0.0
-    assert ev.fraction_recovered(2.0, 2.25, 3.0) == pytest.approx(0.75)
-    assert ev.fraction_recovered(2.0, 3.5, 3.0) == pytest.approx(-0.5)   # worse than no MLP
-    assert ev.fraction_recovered(2.0, 2.5, 2.0) is None                  # zero-ablation changes nothing
+    assert lm_eval.fraction_recovered(2.0, 2.0, 3.0) == 1.0
+    assert lm_eval.fraction_recovered(2.0, 3.0, 3.0) == 0.0
+    assert lm_eval.fraction_recovered(2.0, 2.25, 3.0) == pytest.approx(0.75)
+    assert lm_eval.fraction_recovered(2.0, 3.5, 3.0) == pytest.approx(-0.5)   # worse than no MLP
+    assert lm_eval.fraction_recovered(2.0, 2.5, 2.0) is None                  # zero-ablation changes nothing
 
 
 def test_score_mask_never_scores_bos_targets_and_skips_bos_inputs_by_default():
     tokens = torch.tensor([[BOS, 5, 6, BOS, 7, 8]])
     # position t predicts token t+1: targets 5, 6, BOS, 7, 8 from inputs BOS, 5, 6, BOS, 7
-    assert ev.score_mask(tokens, BOS, include_bos=False).tolist() == [[False, True, False, False, True]]
-    assert ev.score_mask(tokens, BOS, include_bos=True).tolist() == [[True, True, False, True, True]]
+    assert lm_eval.score_mask(tokens, BOS, include_bos=False).tolist() == [[False, True, False, False, True]]
+    assert lm_eval.score_mask(tokens, BOS, include_bos=True).tolist() == [[True, True, False, True, True]]
 
 
 def test_position_losses_match_torch(monkeypatch):
-    monkeypatch.setattr(ev, "SCORE_CHUNK", 3)   # several chunks, the last one partial
+    monkeypatch.setattr(lm_eval, "SCORE_CHUNK", 3)   # several chunks, the last one partial
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 11, generator=g) * 3
     ref = torch.randn(2, 6, 11, generator=g) * 3
     tokens = torch.randint(3, 11, (2, 6), generator=g)
     tokens[:, 0] = BOS
     tokens[1, 3] = BOS
-    mask = ev.score_mask(tokens, BOS, include_bos=False)
-    ce, kl = ev.position_losses(logits, tokens, mask, ref_logits=ref)
+    mask = lm_eval.score_mask(tokens, BOS, include_bos=False)
+    ce, kl = lm_eval.position_losses(logits, tokens, mask, ref_logits=ref)
     b, t = mask.nonzero(as_tuple=True)
     want_ce = F.cross_entropy(logits[b, t], tokens[b, t + 1], reduction="none")
     want_kl = F.kl_div(F.log_softmax(logits[b, t], -1), F.log_softmax(ref[b, t], -1), log_target=True,
@@ -53,8 +54,26 @@ def test_position_losses_match_torch(monkeypatch):
     assert len(ce) == int(mask.sum()) == 6
     torch.testing.assert_close(ce, want_ce)
     torch.testing.assert_close(kl, want_kl)
-    _, kl_self = ev.position_losses(logits, tokens, mask, ref_logits=logits)
+    _, kl_self = lm_eval.position_losses(logits, tokens, mask, ref_logits=logits)
     assert kl_self.abs().max() < 1e-5
+
+
+def test_loss_totals_streamed_equal_numpy_means_and_standard_error():
+    """CE, KL and the CE increase's standard error (of the mean over positions), summed over two
+    batches, equal the numbers computed over all positions at once."""
+    g = torch.Generator().manual_seed(0)
+    ce_clean = torch.rand(300, generator=g) * 4
+    ce = ce_clean + torch.randn(300, generator=g) * 0.3 + 0.1
+    kl = torch.rand(300, generator=g)
+    tot = lm_eval.LossTotals()
+    tot.add(ce[:120], kl[:120], ce_clean[:120])
+    tot.add(ce[120:], kl[120:], ce_clean[120:])
+    d = (ce - ce_clean).double().numpy()
+    s = tot.summary()
+    assert s["ce"] == pytest.approx(float(ce.double().mean()), rel=1e-9)
+    assert s["kl"] == pytest.approx(float(kl.double().mean()), rel=1e-9)
+    assert s["ce_increase"] == pytest.approx(d.mean(), rel=1e-9)
+    assert s["ce_increase_stderr"] == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- splicing on `tiny`
@@ -75,20 +94,20 @@ def tiny_sequences(n: int = 4, seq_len: int = 24) -> np.ndarray:
 
 
 def splice(tiny, replacements, include_bos=False, layer=1):
-    return ev.lm_losses(tiny.model, tiny_sequences(), f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.hook_mlp_out",
+    return lm_eval.lm_losses(tiny.model, tiny_sequences(), f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.hook_mlp_out",
                         replacements, tiny.bos_id, include_bos, batch_size=3, device="cpu", progress=False)
 
 
 def test_splicing_identity_recovers_everything_and_zeros_nothing(tiny):
-    losses = splice(tiny, {"identity": ev.identity_replacement, "zero": ev.zero_replacement})
+    losses = splice(tiny, {"identity": lm_eval.identity_replacement, "zero": lm_eval.zero_replacement})
     clean, ident, zero = losses["clean"], losses["identity"], losses["zero"]
     assert ident["ce"] == clean["ce"] and ident["kl"] == 0.0
     assert zero["ce"] != clean["ce"] and zero["kl"] > 0   # the zero splice really changed the model
-    assert ev.fraction_recovered(clean["ce"], ident["ce"], zero["ce"]) == 1.0
-    assert ev.fraction_recovered(clean["ce"], zero["ce"], zero["ce"]) == 0.0
-    report = ev.splice_report(losses, spliced="identity")
+    assert lm_eval.fraction_recovered(clean["ce"], ident["ce"], zero["ce"]) == 1.0
+    assert lm_eval.fraction_recovered(clean["ce"], zero["ce"], zero["ce"]) == 0.0
+    report = lm_eval.splice_report(losses, spliced="identity")
     assert report["fraction_recovered"] == 1.0 and report["ce_increase"] == 0.0
-    assert report["n_scored_tokens"] == int(ev.score_mask(torch.from_numpy(tiny_sequences()), BOS, False).sum())
+    assert report["n_scored_tokens"] == int(lm_eval.score_mask(torch.from_numpy(tiny_sequences()), BOS, False).sum())
 
 
 def test_splice_takes_any_callable_and_sees_the_same_forwards_source(tiny):
@@ -117,7 +136,7 @@ def test_bos_positions_keep_the_clean_mlp_output_unless_include_bos(tiny):
         return out
 
     def run(include_bos):
-        return ev.lm_losses(tiny.model, tiny_sequences(), "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out",
+        return lm_eval.lm_losses(tiny.model, tiny_sequences(), "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out",
                             {"ruin": ruin_bos}, tiny.bos_id, include_bos, batch_size=8, device="cpu", progress=False)
 
     kept = run(False)
@@ -147,7 +166,7 @@ def test_held_out_text_starts_after_every_document_the_store_touched(tiny_tokeni
 
     seq_len = 16
     stored = np.stack(list(pack_sequences(DOCS, tiny_tokenizer, seq_len, BOS))[:20])   # the store's 20 rows
-    seqs, info = ev.held_out_sequences(iter(DOCS), tiny_tokenizer, BOS, 32, 5, fake_store(stored), progress=False)
+    seqs, info = lm_eval.held_out_sequences(iter(DOCS), tiny_tokenizer, BOS, 32, 5, fake_store(stored), progress=False)
     assert info["skipped_store_sequences"] == 20
     n_docs = info["skipped_documents"]
     # the store's last row cuts through document n_docs - 1, and the text restarts at document n_docs
@@ -166,9 +185,9 @@ def test_held_out_text_refuses_a_stream_that_does_not_reproduce_the_store(tiny_t
     stored = np.stack(list(pack_sequences(DOCS, tiny_tokenizer, 16, BOS))[:10])
     changed = ["a different first document"] + DOCS[1:]
     with pytest.raises(UserError, match="does not reproduce"):
-        ev.held_out_sequences(iter(changed), tiny_tokenizer, BOS, 16, 2, fake_store(stored), progress=False)
+        lm_eval.held_out_sequences(iter(changed), tiny_tokenizer, BOS, 16, 2, fake_store(stored), progress=False)
     with pytest.raises(UserError, match="text ended"):
-        ev.held_out_sequences(iter(DOCS[:2]), tiny_tokenizer, BOS, 16, 2, fake_store(stored), progress=False)
+        lm_eval.held_out_sequences(iter(DOCS[:2]), tiny_tokenizer, BOS, 16, 2, fake_store(stored), progress=False)
 
 
 def test_held_out_text_that_runs_out(tiny_tokenizer):
@@ -176,8 +195,8 @@ def test_held_out_text_that_runs_out(tiny_tokenizer):
 
     every = np.stack(list(pack_sequences(DOCS, tiny_tokenizer, 16, BOS)))
     with pytest.raises(UserError, match="no held-out text"):
-        ev.held_out_sequences(iter(DOCS), tiny_tokenizer, BOS, 16, 4, fake_store(every), progress=False)
-    seqs, _ = ev.held_out_sequences(iter(DOCS), tiny_tokenizer, BOS, 16, 10**6, fake_store(every[:5]), progress=False)
+        lm_eval.held_out_sequences(iter(DOCS), tiny_tokenizer, BOS, 16, 4, fake_store(every), progress=False)
+    seqs, _ = lm_eval.held_out_sequences(iter(DOCS), tiny_tokenizer, BOS, 16, 10**6, fake_store(every[:5]), progress=False)
     assert 0 < len(seqs) < 10**6 and (seqs[:, 0] == BOS).all()
 
 
@@ -187,7 +206,7 @@ def random_transcoder(store: Store, groups=(16, 32, 80), k=4, threshold=0.5) -> 
     tc = Transcoder(store.d_model, store.d_model, list(groups), k, seed=0)
     n = norm_constants(store.stats())
     tc.set_normalization(n["source_mean"], n["source_scale"], n["target_mean"], n["target_scale"])
-    tc.threshold.fill_(threshold)
+    tc.sparsity.threshold.fill_(threshold)
     with torch.no_grad():
         tc.W_enc.mul_(2.0)
         tc.W_enc[100:].mul_(-1.0)       # some latents can never fire on these rows
@@ -200,7 +219,7 @@ def test_prefix_predictions_match_a_dense_reference(synthetic_store):
     store = Store(synthetic_store)
     tc = random_transcoder(store)
     x = torch.from_numpy(store.read_chunk(0).source[1:200]).float()
-    preds, rows, cols = ev.prefix_predictions(tc, x)
+    preds, rows, cols = tc.predict_prefixes(x)
     acts = tc.encode(x)                                              # (B, L) dense, threshold rule
     for i, m in enumerate(tc.boundaries):
         want = tc.denormalize_target(acts[:, :m] @ tc.W_dec[:m] + tc.b_dec)
@@ -212,9 +231,9 @@ def test_prefix_predictions_match_a_dense_reference(synthetic_store):
 def test_row_metrics_match_brute_force(synthetic_store):
     store = Store(synthetic_store)
     tc = random_transcoder(store)
-    out = ev.row_metrics(tc, store, rows=3 * store.chunk_rows, device="cpu", dense_threshold=0.5,
-                         batch_rows=300, progress=False)
-    chunks = ev.pick_chunks(store.n_chunks, store.chunk_rows, 3 * store.chunk_rows)
+    out = row_eval.row_metrics(tc, store, rows=3 * store.chunk_rows, device="cpu", dense_threshold=0.5,
+                               batch_rows=300, progress=False)
+    chunks = row_eval.pick_chunks(store.n_chunks, store.chunk_rows, 3 * store.chunk_rows)
     assert out["chunks"] == chunks and len(chunks) == 3
     keep = np.concatenate([store.read_chunk(c).flags == 0 for c in chunks])
     x = torch.from_numpy(np.concatenate([store.read_chunk(c).source for c in chunks])[keep]).float()
@@ -238,10 +257,45 @@ def test_row_metrics_match_brute_force(synthetic_store):
     assert sum(out["l0_per_group"]) == pytest.approx(out["l0"])
 
 
+def test_variance_explained_per_group_is_what_each_group_adds(synthetic_store):
+    store = Store(synthetic_store)
+    tc = random_transcoder(store)
+    out = row_eval.row_metrics(tc, store, rows=2 * store.chunk_rows, device="cpu", dense_threshold=0.5,
+                               progress=False)
+    chunks = out["chunks"]
+    keep = np.concatenate([store.read_chunk(c).flags == 0 for c in chunks])
+    x = torch.from_numpy(np.concatenate([store.read_chunk(c).source for c in chunks])[keep]).float()
+    y = np.concatenate([store.read_chunk(c).target for c in chunks])[keep].astype(np.float64)
+    acts = tc.encode(x).numpy().astype(np.float64)
+    W, b = tc.W_dec.detach().numpy().astype(np.float64), tc.b_dec.detach().numpy()
+    total = ((y - y.mean(0)) ** 2).sum()
+    explained, before = [], 0.0
+    for m in tc.boundaries:
+        pred = (acts[:, :m] @ W[:m] + b) * float(tc.target_scale) + tc.target_mean.numpy()
+        now = 1 - ((y - pred) ** 2).sum() / total
+        explained.append(now - before)
+        before = now
+    assert out["variance_explained_per_group"] == pytest.approx(explained, rel=1e-3, abs=1e-6)
+    assert sum(out["variance_explained_per_group"]) == pytest.approx(1 - out["fvu"], rel=1e-6)
+    live = (acts > 0).sum(0) > 0
+    assert sum(out["density_log10_histogram"]["counts"]) == int(live.sum())
+
+
+def test_density_histogram_bins_live_latents_by_decade_halves():
+    h = row_eval.density_histogram(np.array([0.0, 1e-3, 0.02, 0.5, 1.0, 0.0]))
+    edges, counts = h["log10_edges"], h["counts"]
+    assert edges[0] == -7.0 and edges[-1] == 0.0 and len(counts) == len(edges) - 1 == 14
+    expected = [0] * 14
+    expected[8] += 1      # 1e-3: [-3, -2.5)
+    expected[10] += 1     # 0.02 = 10^-1.7: [-2, -1.5)
+    expected[13] += 2     # 0.5 = 10^-0.3 and 1.0 = 10^0: the last bin, closed on the right
+    assert counts == expected     # the two dead latents (density 0) are in no bin
+
+
 def test_pick_chunks_spreads_whole_chunks():
-    assert ev.pick_chunks(10, 100, 250) == [0, 4, 9]
-    assert ev.pick_chunks(10, 100, 10**9) == list(range(10))
-    assert ev.pick_chunks(1, 100, 5) == [0]
+    assert row_eval.pick_chunks(10, 100, 250) == [0, 4, 9]
+    assert row_eval.pick_chunks(10, 100, 10**9) == list(range(10))
+    assert row_eval.pick_chunks(1, 100, 5) == [0]
 
 
 # ----------------------------------------------------------------------------- the command
@@ -344,7 +398,7 @@ def check_eval(result: dict, store_path: Path, run: Path, seq_len: int) -> dict:
         assert math.isfinite(lm[key]), key
     assert lm["kl_spliced"] > 0 and lm["kl_zero"] > 0
     assert lm["ce_increase"] == pytest.approx(lm["ce_spliced"] - lm["ce_clean"])
-    assert lm["fraction_recovered"] == pytest.approx(ev.fraction_recovered(lm["ce_clean"], lm["ce_spliced"], lm["ce_zero"]))
+    assert lm["fraction_recovered"] == pytest.approx(lm_eval.fraction_recovered(lm["ce_clean"], lm["ce_spliced"], lm["ce_zero"]))
     # held out: the store's own text, continued after every sequence the store holds
     store = Store(store_path)
     text = lm["text"]

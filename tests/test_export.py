@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.collect import CollectConfig, run_collect
 from pipeline.export import ExportConfig, run_export, show_feature
-from pipeline.samples import CollectConfig, load_samples, run_collect
+from pipeline.samples import load_samples
 from pipeline.store import FLAG_BOS, Store
 from pipeline.train import TrainConfig, run_train
 from pipeline.transcoder import Transcoder

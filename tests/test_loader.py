@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.loader import ChunkLoader
-from pipeline.store import FLAG_OVERFLOW, Store
+from pipeline.store import Store
 from pipeline.transcoder import norm_constants
 
 
@@ -90,7 +90,7 @@ def test_batches_are_normalised_store_rows(store):
 
 def test_include_bos_keeps_bos_rows(store):
     n_all = store.n_rows
-    rows = stream_rows(store, 512, -(-n_all // 512), seed=0, skip_flags=FLAG_OVERFLOW)
+    rows = stream_rows(store, 512, -(-n_all // 512), seed=0, include_bos=True)
     assert np.array_equal(np.sort(rows[:n_all]), np.arange(n_all))
 
 

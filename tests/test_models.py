@@ -101,7 +101,7 @@ def test_vocab_strings_keep_leading_spaces(tiny):
     assert strings[ids[0]].startswith(" ")
 
 
-@pytest.mark.parametrize("model", ["tiny", "gemma-3-270m"])
+@pytest.mark.parametrize("model", ["tiny", pytest.param("gemma-3-270m", marks=pytest.mark.slow)])
 def test_vocab_strings_equal_the_tokenizers_own_decode(model):
     tok = load_tokenizer(model)
     fast = vocab_strings(tok)

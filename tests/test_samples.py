@@ -4,16 +4,18 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import samples as S
-from pipeline.samples import (CollectConfig, SampleCollector, context_starts, load_samples, make_collector,
-                              run_collect)
+from pipeline import collect as S
+from pipeline.collect import CollectConfig, run_collect
+from pipeline.collector import SampleCollector, SampleSettings, make_collector
+from pipeline.contexts import context_starts
+from pipeline.run import COLLECT_META, COLLECT_STATE, SAMPLES_FILE
+from pipeline.samples import load_samples
 from pipeline.store import FLAG_BOS, FLAG_OVERFLOW, Store
 from pipeline.transcoder import Transcoder, norm_constants
 from pipeline.util import UserError
@@ -27,7 +29,7 @@ def make_run(root: Path, store_path: Path, threshold: float = 0.8, groups=(64, 6
     tc = Transcoder(store.d_model, store.d_model, list(groups), 4, seed=seed)
     nc = norm_constants(store.stats())
     tc.set_normalization(nc["source_mean"], nc["source_scale"], nc["target_mean"], nc["target_scale"])
-    tc.threshold.fill_(threshold)
+    tc.sparsity.threshold.fill_(threshold)
     run = root / "run"
     run.mkdir(parents=True)
     tc.save(run / "transcoder.safetensors")
@@ -131,7 +133,8 @@ def test_collector_state_survives_resume(tmp_path):
 
 def test_make_collector_drops_bos_rows(synthetic_store):
     store = Store(synthetic_store)
-    cfg = SimpleNamespace(max_samples_per_feature=3, sample_threshold=0.1, include_bos=False)
+    cfg = SampleSettings(sample_every=1, max_samples_per_feature=3, sample_threshold=0.1, sample_context=5,
+                         top_features=4, samples_per_feature=3, include_bos=False)
     col = make_collector(cfg, 4, "cpu", store)
     rows = torch.arange(0, 8)                                 # row 0 is a BOS row
     col.observe(0, torch.ones(8, 4), rows)
@@ -152,8 +155,8 @@ def test_training_samples_written(tmp_path, synthetic_store):
     for i in range(6):
         rows = torch.from_numpy(np.random.default_rng(i).choice(usable, 64, replace=False))
         col.observe(i, torch.relu(torch.randn(64, 12, generator=gen)), rows)
-    cfg = SimpleNamespace(sample_every=100, max_samples_per_feature=8, sample_threshold=0.1, sample_context=5,
-                          top_features=4, samples_per_feature=3, include_bos=False)
+    cfg = SampleSettings(sample_every=100, max_samples_per_feature=8, sample_threshold=0.1, sample_context=5,
+                         top_features=4, samples_per_feature=3, include_bos=False)
     out = col.finish(tmp_path, store, cfg)
     summary = json.loads((out / "summary.json").read_text())
     feats = json.loads((out / "features.json").read_text())["features"]
@@ -172,7 +175,7 @@ def test_training_samples_written(tmp_path, synthetic_store):
             assert s["token"] == vocab[store.tokens[s["row"]]]
             assert s["marked"].endswith("\u00ab" + s["token"] + "\u00bb")
             assert len(s["token_ids"]) <= 5
-    assert set(load_file(str(out / S.SAMPLES_FILE))) == set(col.state_dict())
+    assert set(load_file(str(out / SAMPLES_FILE))) == set(col.state_dict())
 
 
 # ----------------------------------------------------------------------------- contexts
@@ -241,13 +244,13 @@ def test_exact_collect_matches_brute_force(exact_run, synthetic_store):
             assert len(r) == min(in_q, cfg.interval_samples) and len(set(r.tolist())) == len(r)
     meta = json.loads((run / "samples" / "collect.json").read_text())
     assert meta["complete"] and meta["config"]["top_n"] == 7 and "torch" in meta["versions"]
-    assert not (run / "samples" / S.STATE_FILE).exists()
+    assert not (run / "samples" / COLLECT_STATE).exists()
 
 
 def test_exact_collect_resumes_after_interruption(tmp_path, synthetic_store, exact_run, monkeypatch):
     """Interrupted after a state save in each pass, then re-run: the same files as one run."""
     ref_run, ref_cfg = exact_run
-    reference = load_file(str(ref_run / "samples" / S.SAMPLES_FILE))
+    reference = load_file(str(ref_run / "samples" / SAMPLES_FILE))
     real_save = S.save_tensors_atomic
     for stop_after in (2, 5):      # in pass 1, in pass 2 (8 chunks / save_every 2 = 4 saves a pass)
         run = tmp_path / f"r{stop_after}"
@@ -265,11 +268,11 @@ def test_exact_collect_resumes_after_interruption(tmp_path, synthetic_store, exa
         with pytest.raises(KeyboardInterrupt):
             run_collect(cfg)
         monkeypatch.setattr(S, "save_tensors_atomic", real_save)
-        assert (run / "samples" / S.STATE_FILE).exists() and not (run / "samples" / S.EXACT_META).exists()
-        progress = load_file(str(run / "samples" / S.STATE_FILE))["progress"].tolist()
+        assert (run / "samples" / COLLECT_STATE).exists() and not (run / "samples" / COLLECT_META).exists()
+        progress = load_file(str(run / "samples" / COLLECT_STATE))["progress"].tolist()
         assert progress[:2] == ([1, 4] if stop_after == 2 else [2, 2])
         run_collect(cfg)
-        resumed = load_file(str(run / "samples" / S.SAMPLES_FILE))
+        resumed = load_file(str(run / "samples" / SAMPLES_FILE))
         for k in reference:
             assert torch.equal(reference[k], resumed[k]), (stop_after, k)
 
@@ -278,11 +281,11 @@ def test_exact_collect_refuses_other_settings(tmp_path, synthetic_store, exact_r
     ref_run, ref_cfg = exact_run
     run = tmp_path / "run"
     shutil.copytree(ref_run, run)
-    before = (run / "samples" / S.SAMPLES_FILE).read_bytes()
+    before = (run / "samples" / SAMPLES_FILE).read_bytes()
     cfg = CollectConfig(**{**ref_cfg.__dict__, "run": str(run), "top_n": 3})
     with pytest.raises(UserError, match="other settings.*--overwrite"):
         run_collect(cfg)
-    assert (run / "samples" / S.SAMPLES_FILE).read_bytes() == before      # nothing damaged
+    assert (run / "samples" / SAMPLES_FILE).read_bytes() == before      # nothing damaged
     run_collect(CollectConfig(**{**cfg.__dict__, "overwrite": True}))
     assert load_samples(run).top_rows.shape[1] == 3
 

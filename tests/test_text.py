@@ -171,7 +171,7 @@ def test_hub_dataset_offline_is_user_error(monkeypatch):
     assert describe_dataset("HuggingFaceFW/fineweb-edu", "train", None)["kind"] == "hf"
 
 
-@pytest.mark.parametrize("model", ["tiny", "gemma-3-270m"])
+@pytest.mark.parametrize("model", ["tiny", pytest.param("gemma-3-270m", marks=pytest.mark.slow)])
 def test_fast_encoding_equals_the_tokenizer_call(model):
     tok = load_tokenizer(model)
     texts = DOCS + list(itertools.islice(iter_documents("python-docs"), 60))

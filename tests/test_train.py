@@ -16,8 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import pipeline.train as train
-from conftest import write_synthetic_store
+from conftest import rewrite_as_tc_0_1_transcoder, write_synthetic_store
 from pipeline.store import Store, StoreWriter
 from pipeline.train import KILL_ENV, TrainConfig, lr_at, run_train
 from pipeline.transcoder import Transcoder
@@ -81,7 +80,7 @@ def test_run_folder_metrics_checkpoints_and_final_file(synthetic_store, tmp_path
     assert config["store"]["n_rows"] == 8192 and config["store"]["hooks"]["target"] == "blocks.0.hook_mlp_out"
     assert config["cache"] == str(Path(synthetic_store).resolve()) and "torch" in config["versions"]
     tc = Transcoder.load(run / "transcoder.safetensors")
-    assert tc.groups == [16, 32, 64, 16] and tc.threshold > 0
+    assert tc.groups == [16, 32, 64, 16] and tc.sparsity.threshold > 0
     assert json.loads((run / "summary.json").read_text())["steps"] == 22
 
 
@@ -171,6 +170,22 @@ def test_kill_9_then_resume_ends_with_identical_weights(synthetic_store, tmp_pat
     if (tmp_path / "whole" / samples).exists():   # the samples collector survived the kill too
         xa, xb = load_file(tmp_path / "whole" / samples), load_file(run / samples)
         assert all(torch.equal(xa[k], xb[k]) for k in xa)
+
+
+def test_a_run_interrupted_under_tc_0_1_resumes_to_the_same_weights(synthetic_store, tmp_path):
+    """A checkpoint as tc 0.1 wrote it (a version 1 transcoder file; BatchTopK's update count as
+    `threshold_updates` in state.pt) resumes, and the run ends exactly where an uninterrupted one does."""
+    run_train(tiny(synthetic_store, tmp_path / "whole"))
+    assert run_subprocess(tiny(synthetic_store, tmp_path / "killed"), kill_at=13).returncode == -9
+    checkpoint = tmp_path / "killed" / "checkpoints" / "step_000008"
+    rewrite_as_tc_0_1_transcoder(checkpoint / "transcoder.safetensors")
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    state["threshold_updates"] = state.pop("sparsity")["updates"]
+    torch.save(state, checkpoint / "state.pt")
+    run_train(TrainConfig(resume=str(tmp_path / "killed")))
+    a = load_file(tmp_path / "whole" / "transcoder.safetensors")
+    b = load_file(tmp_path / "killed" / "transcoder.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_of_a_finished_run_changes_nothing(synthetic_store, tmp_path):
@@ -294,14 +309,14 @@ class Recorder:
     def load_state_dict(self, state):
         self.loaded = state
 
-    def finish(self, run_dir, store, cfg):
-        self.finished.append(Path(run_dir))
+    def finish(self, run, store):
+        self.finished.append(run.path)
 
 
-def test_sample_collector_is_fed_every_sample_every_steps_and_checkpointed(synthetic_store, tmp_path, monkeypatch):
+def test_sample_collector_is_fed_every_sample_every_steps_and_checkpointed(synthetic_store, tmp_path):
     rec = Recorder()
-    monkeypatch.setattr(train, "make_sample_collector", lambda cfg, d, device, store: rec)
-    run = run_train(tiny(synthetic_store, tmp_path / "run", steps=12, sample_every=5, checkpoint_every=6))
+    run = run_train(tiny(synthetic_store, tmp_path / "run", steps=12, sample_every=5, checkpoint_every=6),
+                    collector_factory=lambda settings, d, device, store: rec)
     assert [s for s, _, _ in rec.seen] == [5, 10]
     flags = Store(synthetic_store).flags
     for _, nnz, rows in rec.seen:

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import rewrite_as_tc_0_1_transcoder
 from pipeline.store import Store
 from pipeline.train import lr_at
-from pipeline.transcoder import Transcoder, batch_topk_indices, norm_constants
+from pipeline.sparsity import batch_topk_indices
+from pipeline.transcoder import Transcoder, norm_constants
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "transcoder.md"
 GROUPS = [16, 32, 64, 16]   # d_latent 128
@@ -215,7 +217,7 @@ def test_dead_counter_follows_the_window():
 def test_threshold_encoding_does_not_depend_on_the_batch(synthetic_store):
     x, y, nc = store_rows(synthetic_store, n=4096)
     m = train_in_memory(make([64, 64], k=4, d=32), x, y, steps=60)
-    assert m.threshold > 0
+    assert m.sparsity.threshold > 0
     m.set_normalization(nc["source_mean"], nc["source_scale"], nc["target_mean"], nc["target_scale"])
     raw = x * nc["source_scale"] + nc["source_mean"]
     whole = m.encode(raw[:200])
@@ -235,7 +237,7 @@ def test_prediction_is_denormalised_with_the_target_statistics():
     m = make([16], k=3, d=d)
     with torch.no_grad():
         m.b_dec.normal_()
-        m.threshold.fill_(0.05)
+        m.sparsity.threshold.fill_(0.05)
     m.set_normalization(torch.full((d,), 100.0), 50.0, torch.full((d,), -7.0), 0.01)
     x_raw = 100 + 50 * torch.randn(32, d)
     acts = m.encode(x_raw)
@@ -268,7 +270,7 @@ def test_save_load_and_plain_snippet_predict_the_same(tmp_path):
     with torch.no_grad():
         m.b_enc.normal_(0, 0.1)
         m.b_dec.normal_()
-        m.threshold.fill_(0.2)
+        m.sparsity.threshold.fill_(0.2)
     m.set_normalization(torch.randn(12) * 5, 3.0, torch.randn(12), 0.5)
     path = tmp_path / "t.safetensors"
     m.save(path)
@@ -301,3 +303,79 @@ def test_load_refuses_a_foreign_file(tmp_path):
         Transcoder.load(tmp_path / "x.safetensors")
     with pytest.raises(UserError, match="no transcoder"):
         Transcoder.load(tmp_path / "missing.safetensors")
+
+
+# ----------------------------------------------------------------------------- the gradient, exactly
+
+def test_total_gradient_is_the_mean_of_the_prefix_gradients():
+    """loss = mean of the G prefix MSEs (no AuxK while nothing is dead): its gradient must equal the
+    mean of the per-prefix gradients, parameter by parameter, not just the full-width term's."""
+    m = make()
+    x, y = batch()
+    per_prefix = []
+    for i in range(len(m.groups)):
+        m.zero_grad()
+        m(x, y, update_stats=False).mse[i].backward()
+        per_prefix.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    m.zero_grad()
+    out = m(x, y, update_stats=False)
+    assert float(out.aux_loss) == 0.0
+    out.loss.backward()
+    for name, p in m.named_parameters():
+        expected = torch.stack([g[name] for g in per_prefix]).mean(0)
+        torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_decoder_gradient_projection_removes_the_radial_part():
+    """After project_decoder_grad, each decoder row's gradient is orthogonal to the row (a step cannot
+    change its norm to first order), and the tangential part is left as it was."""
+    m = make()
+    x, y = batch()
+    m(x, y, update_stats=False).loss.backward()
+    before = m.W_dec.grad.clone()
+    w = m.W_dec.detach()
+    radial = (before * w).sum(-1)                                   # (L,) component along each row
+    assert radial.abs().max() > 1e-4                                # there is something to remove
+    m.project_decoder_grad()
+    after = m.W_dec.grad
+    assert (after * w).sum(-1).abs().max() < 1e-6 * before.abs().max()
+    torch.testing.assert_close(after, before - radial[:, None] * w)
+
+
+# ----------------------------------------------------------------------------- the sparsity rule and old files
+
+def test_the_file_records_the_sparsity_rule_and_version_1_files_still_load(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    m = make()
+    m.sparsity.threshold.fill_(0.3)
+    m.save(tmp_path / "v2.safetensors")
+    with safe_open(str(tmp_path / "v2.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["format_version"] == "2" and json.loads(meta["sparsity"]) == {"rule": "batchtopk", "k": 4}
+    old = Transcoder.load(rewrite_as_tc_0_1_transcoder(tmp_path / "v2.safetensors", tmp_path / "v1.safetensors"))
+    assert old.k == 4 and float(old.sparsity.threshold) == pytest.approx(0.3)
+    x = torch.randn(32, 24, generator=torch.Generator().manual_seed(3)) * 3
+    torch.testing.assert_close(old.predict(x), m.eval().predict(x))
+    save_file(load_file(str(tmp_path / "v2.safetensors")), str(tmp_path / "v9.safetensors"),
+              metadata={**meta, "format_version": "9"})
+    from pipeline.util import UserError
+    with pytest.raises(UserError, match="v9"):
+        Transcoder.load(tmp_path / "v9.safetensors")
+
+
+def test_predict_is_the_last_prefix_of_predict_prefixes_and_matches_forward(synthetic_store):
+    """One decode for every consumer: the inference predictions equal what forward() computes with
+    the threshold rule on the same rows (in normalised units), prefix by prefix."""
+    x, y, nc = store_rows(synthetic_store, n=512)
+    m = train_in_memory(make(d=x.shape[1]), x, y, steps=30).eval()
+    m.set_normalization(nc["source_mean"], nc["source_scale"], nc["target_mean"], nc["target_scale"])
+    x_raw = x * nc["source_scale"] + nc["source_mean"]
+    preds, rows, cols = m.predict_prefixes(x_raw)
+    out = m(x, y, use_threshold=True, update_stats=False)
+    y_n_pred = (preds - nc["target_mean"]) / nc["target_scale"]
+    torch.testing.assert_close(y_n_pred[-1], out.pred, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m.predict(x_raw), preds[-1])
+    err = (y.unsqueeze(0) - y_n_pred).pow(2).sum(dim=(1, 2)) / (y - y.mean(0)).pow(2).sum()
+    torch.testing.assert_close(err, out.fvu_levels, rtol=1e-4, atol=1e-5)

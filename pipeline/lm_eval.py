@@ -1,0 +1,258 @@
+"""The language-model side of eval: splice a replacement for the MLP output into the model and
+measure next-token loss on held-out text (method in docs/eval.md).
+
+Passes over the same tokens: clean, and once per replacement (the transcoder's prediction,
+zero-ablation); per scored position the CE and KL(clean || replaced), summed in float64. The
+held-out text: when it is the store's own text source, the store's sequences are re-packed from
+the same deterministic stream (and checked token for token against the store), every document
+they touched is skipped, and evaluation starts at the next untouched document.
+"""
+from __future__ import annotations
+
+import math
+from itertools import islice
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.store import Store
+from pipeline.transcoder import Transcoder
+from pipeline.util import UserError
+
+# A replacement for the MLP output: (source (B, T, d), clean target (B, T, d)) -> new target (B, T, d).
+# The transcoder is one; the tests splice the identity and zeros through the same code.
+Replacement = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+LOGITS_BUDGET = 128 * 2 ** 20   # logits elements per forward batch when --batch-size is not given (512 MB fp32)
+SCORE_CHUNK = 128               # positions per CE/KL chunk: bounds the float32 (chunk, vocab) temporaries
+
+
+def fraction_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> float | None:
+    """(CE_zero - CE_spliced) / (CE_zero - CE_clean): 1 = as good as the MLP, 0 = as bad as no MLP.
+
+    None when zero-ablation does not change the loss (the ratio means nothing then).
+    """
+    gap = ce_zero - ce_clean
+    if not math.isfinite(gap) or abs(gap) < 1e-12:
+        return None
+    return (ce_zero - ce_spliced) / gap
+
+
+def score_mask(tokens: torch.Tensor, bos_id: int, include_bos: bool) -> torch.Tensor:
+    """(B, T-1) bool: which next-token predictions count. Position t predicts token t+1.
+
+    A prediction whose target is BOS is never scored (BOS is a document separator the packing
+    inserted, not text). Predictions made from a BOS position are scored only with include_bos:
+    by default the MLP output there is left clean, so they would only dilute the differences.
+    """
+    keep = tokens[:, 1:] != bos_id
+    if not include_bos:
+        keep &= tokens[:, :-1] != bos_id
+    return keep
+
+
+def position_losses(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                    ref_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per scored position: next-token CE (N,), and KL(ref || this) (N,) when ref_logits is given.
+
+    logits, ref_logits: (B, T, V) in any float dtype; tokens (B, T); mask (B, T-1) from score_mask.
+    Works on SCORE_CHUNK positions at a time in float32 so a 256k vocabulary never needs a full
+    (B, T, V) float32 temporary. With lse = logsumexp of the logits l and p = softmax(l_ref):
+    CE = lse - l[target] and KL = sum_v p (l_ref - l) - lse_ref + lse (no log-softmax tensors).
+    """
+    b_idx, t_idx = mask.nonzero(as_tuple=True)          # (N,), (N,)
+    targets = tokens[b_idx, t_idx + 1]                  # (N,)
+    ce, kl = [], []
+    for a in range(0, len(b_idx), SCORE_CHUNK):
+        sl = slice(a, a + SCORE_CHUNK)
+        lg = logits[b_idx[sl], t_idx[sl]].float()                       # (n, V)
+        lse = torch.logsumexp(lg, dim=-1)                               # (n,)
+        ce.append(lse - lg.gather(1, targets[sl, None]).squeeze(1))
+        if ref_logits is not None:
+            ref = ref_logits[b_idx[sl], t_idx[sl]].float()              # (n, V), a copy (advanced indexing)
+            lse_ref = torch.logsumexp(ref, dim=-1)
+            diff = ref - lg
+            p_ref = ref.sub_(lse_ref[:, None]).exp_()                   # in place: one (n, V) buffer fewer
+            kl.append((torch.linalg.vecdot(p_ref, diff) - lse_ref + lse).clamp_min(0.0))
+    empty = logits.new_zeros(0, dtype=torch.float32)
+    ce_all = torch.cat(ce) if ce else empty
+    kl_all = (torch.cat(kl) if kl else empty) if ref_logits is not None else None
+    return ce_all, kl_all
+
+
+def splice_hooks(source_hook: str, target_hook: str, replace: Replacement,
+                 keep_clean: torch.Tensor | None) -> list[tuple[str, Callable]]:
+    """Forward hooks that put replace(source, clean target) in place of the target activation.
+
+    The source is read from the same forward pass (it is upstream of the target, so it is the
+    clean model's source). keep_clean (B, T) bool marks positions whose clean target is kept
+    (BOS by default: the transcoder never trained on BOS rows).
+    """
+    seen: dict[str, torch.Tensor] = {}
+
+    def read_source(tensor: torch.Tensor, hook: Any) -> None:
+        seen["source"] = tensor
+
+    def write_target(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
+        new = replace(seen["source"], tensor).to(dtype=tensor.dtype, device=tensor.device)   # (B, T, d)
+        if new.shape != tensor.shape:
+            raise RuntimeError(f"the replacement returned shape {tuple(new.shape)}, expected {tuple(tensor.shape)}")
+        if keep_clean is not None:
+            new = torch.where(keep_clean[..., None], tensor, new)
+        return new
+
+    return [(source_hook, read_source), (target_hook, write_target)]
+
+
+def identity_replacement(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The true MLP output: splicing it must leave the model unchanged."""
+    return target
+
+
+def zero_replacement(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Zero-ablation of the MLP output."""
+    return torch.zeros_like(target)
+
+
+def transcoder_replacement(transcoder: Transcoder) -> Replacement:
+    """The transcoder's prediction of the target from the source, row by row (inference encoding)."""
+    def replace(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        flat = source.reshape(-1, source.shape[-1]).float()          # (B*T, d)
+        return transcoder.predict(flat).reshape(target.shape)
+    return replace
+
+
+class LossTotals:
+    """Running sums for one way of running the model (clean, spliced, zero, ...)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.ce = 0.0
+        self.kl = 0.0
+        self.diff = 0.0      # sum of (CE - CE_clean) per position, and its square, for a standard error
+        self.diff_sq = 0.0
+
+    def add(self, ce: torch.Tensor, kl: torch.Tensor | None, ce_clean: torch.Tensor) -> None:
+        d = (ce - ce_clean).double()
+        self.n += len(ce)
+        self.ce += float(ce.double().sum())
+        self.kl += float(kl.double().sum()) if kl is not None else 0.0
+        self.diff += float(d.sum())
+        self.diff_sq += float((d * d).sum())
+
+    def summary(self) -> dict[str, float]:
+        n = max(self.n, 1)
+        mean_diff = self.diff / n
+        var = max(self.diff_sq / n - mean_diff ** 2, 0.0)
+        return {"ce": self.ce / n, "kl": self.kl / n, "ce_increase": mean_diff,
+                "ce_increase_stderr": math.sqrt(var / max(self.n - 1, 1))}
+
+
+@torch.no_grad()
+def score_batch(model: Any, tokens: torch.Tensor, source_hook: str, target_hook: str,
+                replacements: dict[str, Replacement], bos_id: int, include_bos: bool,
+                totals: dict[str, LossTotals]) -> None:
+    """Run `tokens` (B, T) clean and once per replacement; add CE and KL(clean || replaced) to totals."""
+    mask = score_mask(tokens, bos_id, include_bos)                     # (B, T-1)
+    keep_clean = None if include_bos else tokens == bos_id             # (B, T)
+    clean_logits = model(tokens, return_type="logits")                 # (B, T, V)
+    ce_clean, _ = position_losses(clean_logits, tokens, mask)
+    totals.setdefault("clean", LossTotals()).add(ce_clean, torch.zeros_like(ce_clean), ce_clean)
+    for name, replace in replacements.items():
+        hooks = splice_hooks(source_hook, target_hook, replace, keep_clean)
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")
+        ce, kl = position_losses(logits, tokens, mask, ref_logits=clean_logits)
+        del logits
+        totals.setdefault(name, LossTotals()).add(ce, kl, ce_clean)
+
+
+def lm_losses(model: Any, sequences: np.ndarray, source_hook: str, target_hook: str,
+              replacements: dict[str, Replacement], bos_id: int, include_bos: bool, batch_size: int,
+              device: str, progress: bool = True) -> dict[str, dict[str, float]]:
+    """Mean CE, KL from clean and CE increase per replacement over `sequences` (n, T) int64."""
+    totals: dict[str, LossTotals] = {}
+    bar = tqdm(total=sequences.size, unit="tok", unit_scale=True, desc="eval: LM loss", disable=not progress)
+    for a in range(0, len(sequences), batch_size):
+        batch = torch.from_numpy(sequences[a:a + batch_size]).long().to(device)
+        score_batch(model, batch, source_hook, target_hook, replacements, bos_id, include_bos, totals)
+        bar.update(batch.numel())
+    bar.close()
+    out = {name: t.summary() for name, t in totals.items()}
+    out["clean"]["n_scored"] = totals["clean"].n
+    return out
+
+
+def splice_report(losses: dict[str, dict[str, float]], spliced: str = "spliced", zero: str = "zero") -> dict[str, Any]:
+    """The headline numbers from lm_losses' output."""
+    c, s, z = losses["clean"]["ce"], losses[spliced]["ce"], losses[zero]["ce"]
+    return {"ce_clean": c, "ce_spliced": s, "ce_zero": z, "ce_increase": s - c,
+            "ce_increase_stderr": losses[spliced]["ce_increase_stderr"],
+            "kl_spliced": losses[spliced]["kl"], "kl_zero": losses[zero]["kl"],
+            "fraction_recovered": fraction_recovered(c, s, z), "n_scored_tokens": losses["clean"]["n_scored"]}
+
+
+class CountingIterator:
+    """Wraps a document iterator and counts how many documents were pulled from it."""
+
+    def __init__(self, docs: Iterable[str]):
+        self.docs = iter(docs)
+        self.pulled = 0
+
+    def __iter__(self) -> "CountingIterator":
+        return self
+
+    def __next__(self) -> str:
+        doc = next(self.docs)
+        self.pulled += 1
+        return doc
+
+
+def held_out_sequences(docs: Iterable[str], tokenizer: Any, bos_id: int, seq_len: int, n_seqs: int,
+                       skip_store: Store | None, progress: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+    """(n, seq_len) int64 evaluation sequences from `docs`, after the text `skip_store` was made from.
+
+    With skip_store: the store's rows are re-packed from the same stream with the store's packing
+    (one document at a time, so no document is read ahead), compared token for token with the
+    store (a mismatch means the text or tokenizer changed, and held-out cannot be guaranteed), and
+    every document they touched is skipped, including the one the store's last row cut through.
+    The evaluation sequences are packed from the next document on.
+    """
+    stream = CountingIterator(docs)
+    info: dict[str, Any] = {"skipped_store_sequences": 0, "skipped_documents": 0}
+    if skip_store is not None:
+        L = skip_store.seq_len
+        n_store = skip_store.n_rows // L
+        stored = skip_store.tokens
+        packed = islice(pack_sequences_lazy(stream, tokenizer, L, bos_id), n_store)
+        count = 0
+        for i, row in enumerate(tqdm(packed, total=n_store, unit="seq", desc="eval: skip the store's text",
+                                     disable=not progress)):
+            if not np.array_equal(row, stored[i * L:(i + 1) * L]):
+                raise UserError(f"re-reading the store's text does not reproduce its tokens (sequence {i} differs): "
+                                "the dataset or tokenizer changed since `tc cache`, so held-out text cannot be "
+                                "guaranteed; pass --dataset with text the store was not made from")
+            count += 1
+        if count < n_store:
+            raise UserError(f"the text ended after {count} of the store's {n_store} sequences: the dataset changed "
+                            "since `tc cache`; pass --dataset with text the store was not made from")
+        info = {"skipped_store_sequences": n_store, "skipped_documents": stream.pulled}
+    from pipeline.text import pack_sequences
+
+    seqs = list(islice(pack_sequences(stream, tokenizer, seq_len, bos_id), n_seqs))
+    if not seqs:
+        raise UserError("no held-out text is left after the text the store holds (it used the whole dataset): "
+                        "pass --dataset with other text, or another --split")
+    return np.stack(seqs), info
+
+
+def pack_sequences_lazy(docs: Iterable[str], tokenizer: Any, seq_len: int, bos_id: int) -> Iterator[np.ndarray]:
+    """The store's packing with one document per tokenizer call: it reads no document ahead."""
+    from pipeline.text import pack_sequences
+
+    return pack_sequences(docs, tokenizer, seq_len, bos_id, batch_docs=1)
+
+
+def auto_batch_size(seq_len: int, vocab: int) -> int:
+    return max(1, min(64, LOGITS_BUDGET // max(seq_len * vocab, 1)))

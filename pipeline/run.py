@@ -1,0 +1,192 @@
+"""The run folder: its layout, and every question a stage asks about a run (layout: docs/transcoder.md).
+
+RUN/
+  config.json              resolved TrainConfig (flat) + store identity, total_steps, versions
+  tc-train.toml            the same config as `--config` input, so the command can be repeated
+  metrics.jsonl            one JSON object per logged step
+  checkpoints/step_XXXXXX/ transcoder.safetensors, config.json, state.pt (everything to resume)
+  checkpoints/latest       name of the newest complete checkpoint (replaced atomically)
+  transcoder.safetensors   the final transcoder
+  plots/*.png              curves of the logged metrics
+  summary.json             final metrics; written last, so its presence marks a finished run
+  activation_samples/      samples kept during training (samples.safetensors, features.json, summary.json)
+  samples/                 the exact collect (samples.safetensors, collect.json written last, state while running)
+  export/                  the JSON or HTML export
+  eval.json, eval_fvu_per_prefix.png, tc-eval.toml
+
+Only this module knows these names; train, checkpoints, metrics, samples, export, eval, info and the
+demo ask a `Run` for paths and answers.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.store import Store
+from pipeline.transcoder import Transcoder
+from pipeline.util import UserError
+
+CONFIG = "config.json"
+SUMMARY = "summary.json"
+TRANSCODER = "transcoder.safetensors"
+CHECKPOINT_STATE = "state.pt"
+SAMPLES_FILE = "samples.safetensors"   # in both sample folders
+COLLECT_META = "collect.json"          # written last by `tc samples collect`: marks it finished
+COLLECT_STATE = "state.safetensors"    # resumable state of an unfinished collect
+
+
+class Run:
+    """A run folder, existing or about to be made. Paths are properties; reading is lazy."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._config: dict[str, Any] | None = None
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # -- paths
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def config_toml(self) -> Path:
+        return self.path / "tc-train.toml"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.path / SUMMARY
+
+    @property
+    def transcoder_file(self) -> Path:
+        return self.path / TRANSCODER
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.path / "plots"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def latest_pointer(self) -> Path:
+        return self.checkpoints_dir / "latest"
+
+    @property
+    def wandb_id_file(self) -> Path:
+        return self.path / "wandb_id.txt"
+
+    @property
+    def training_samples_dir(self) -> Path:
+        return self.path / "activation_samples"
+
+    @property
+    def training_samples_summary(self) -> Path:
+        return self.training_samples_dir / SUMMARY
+
+    @property
+    def training_samples_features(self) -> Path:
+        return self.training_samples_dir / "features.json"
+
+    @property
+    def exact_samples_dir(self) -> Path:
+        return self.path / "samples"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.path / "export"
+
+    @property
+    def eval_file(self) -> Path:
+        return self.path / "eval.json"
+
+    @property
+    def eval_plot(self) -> Path:
+        return self.path / "eval_fvu_per_prefix.png"
+
+    @property
+    def eval_toml(self) -> Path:
+        return self.path / "tc-eval.toml"
+
+    # -- state
+
+    @property
+    def exists(self) -> bool:
+        """config.json is written first (atomically): from then on the folder is a run."""
+        return self.config_file.is_file()
+
+    @property
+    def finished(self) -> bool:
+        return self.summary_file.exists()
+
+    def config(self) -> dict[str, Any]:
+        if self._config is None:
+            try:
+                self._config = json.loads(self.config_file.read_text())
+            except json.JSONDecodeError as e:
+                raise UserError(f"{self.config_file} is not valid JSON ({e})") from None
+        return self._config
+
+    def latest_checkpoint(self) -> Path | None:
+        """The checkpoint `latest` names, if it is complete."""
+        if not self.latest_pointer.exists():
+            return None
+        path = self.checkpoints_dir / self.latest_pointer.read_text().strip()
+        return path if (path / CHECKPOINT_STATE).exists() else None
+
+    def latest_step_name(self) -> str | None:
+        return self.latest_pointer.read_text().strip() if self.latest_pointer.exists() else None
+
+    def store_path(self, cache: str | None = None) -> str:
+        """The store to read: `cache` when given, else the one the run trained on."""
+        config = self.config()
+        path = cache or config.get("cache") or config.get("config", {}).get("cache")
+        if not path:
+            raise UserError(f"{self.config_file} records no store: pass --cache STORE")
+        if not Path(path).exists():
+            raise UserError(f"the store {path} of run {self.path} is not there (moved or deleted?): "
+                            "pass --cache STORE")
+        return str(path)
+
+    def store(self, cache: str | None = None) -> Store:
+        """The store (complete) a stage after training reads: `cache`, or the training store."""
+        return Store(self.store_path(cache)).require_complete()
+
+    def training_store(self, fallback: Store) -> Store:
+        """The store the run trained on; `fallback` when that one is gone or is the same."""
+        config = self.config()
+        path = config.get("cache") or config.get("config", {}).get("cache")
+        if not path or not Path(path).exists() or Path(path).resolve() == Path(fallback.path).resolve():
+            return fallback
+        return Store(path).require_complete()
+
+    def transcoder(self, device: Any = "cpu") -> Transcoder:
+        """The final transcoder, in eval mode; a UserError when training has not finished."""
+        if not self.transcoder_file.exists():
+            raise UserError(f"{self.path} has no final transcoder ({TRANSCODER}): finish training first "
+                            f"(`tc train --resume {self.path}`)")
+        return Transcoder.load(self.transcoder_file).to(device).eval()
+
+
+def is_run(path: str | Path) -> bool:
+    return Run(path).exists
+
+
+def open_run(path: str | Path | None) -> Run:
+    """The run folder a stage after training was pointed at (`--run`); one line if it is not one."""
+    if path is None or not str(path).strip():
+        raise UserError("no run folder given: pass --run RUN (the folder `tc train` wrote)")
+    run = Run(path)
+    if not run.path.is_dir():
+        raise UserError(f"run folder {str(path)!r} does not exist: pass the folder `tc train` wrote (--run RUN)")
+    if not run.exists:
+        raise UserError(f"{run.path} is not a tc run folder (no {CONFIG}): pass the folder `tc train` wrote")
+    return run

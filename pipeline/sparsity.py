@@ -1,0 +1,98 @@
+"""Sparsity rules: which latents of a batch of pre-activations are active.
+
+A rule is one object the transcoder holds (`Transcoder.sparsity`). It picks the active set two
+ways: `training` (may look at the whole batch) and `inference` (batch-independent, so a row's code
+does not depend on its neighbours). It owns the state it learns while training (an nn.Module, so
+its buffers move with the transcoder and are saved in checkpoints), the tensors it adds to the
+transcoder file (`file_tensors`), and its description in the file metadata (`spec`). A new rule
+is a new class here plus one line in RULES.
+
+BatchTopK (Bussmann et al. 2024): training keeps the k*B largest positive pre-activations of the
+whole batch; inference keeps pre > `threshold`, an EMA of the smallest activation kept per batch
+(decay n / (10 + n) after n batches, capped at THRESHOLD_DECAY, so short runs are not biased by
+their start).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+THRESHOLD_DECAY = 0.99   # EMA decay of the inference threshold (after a warm start, see observe)
+CANDIDATE_STRIDE = 61    # subsample stride used to find a cheap lower bound for the BatchTopK cutoff
+
+
+def batch_topk_indices(flat: Tensor, n_keep: int) -> Tensor:
+    """Ascending indices of the n_keep largest POSITIVE values of `flat` (ties at the cutoff all
+    kept). A strided subsample gives a cheap lower bound c, so the exact top-n_keep is found among
+    the few values >= c instead of over everything; exact either way (falls back when c is too high)."""
+    tiny = torch.finfo(flat.dtype).tiny
+    if n_keep >= flat.numel():
+        return (flat > 0).nonzero().squeeze(1)
+    sample = flat[::CANDIDATE_STRIDE]
+    q = min(sample.numel(), int(1.5 * n_keep / CANDIDATE_STRIDE) + 64)
+    c = sample.topk(q, sorted=False).values.min().clamp(min=tiny)
+    cand = (flat >= c).nonzero().squeeze(1)                    # one pass over B * L
+    if len(cand) < n_keep:
+        if float(c) <= tiny:                                   # fewer positives than n_keep: keep all
+            return cand
+        cut = flat.topk(n_keep, sorted=False).values.min().clamp(min=tiny)
+        return (flat >= cut).nonzero().squeeze(1)
+    vals = flat[cand]
+    cut = vals.topk(n_keep, sorted=False).values.min()
+    return cand[vals >= cut]
+
+
+class BatchTopK(nn.Module):
+    name = "batchtopk"
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = int(k)
+        self.register_buffer("threshold", torch.tensor(0.0))   # 0 = not estimated yet
+        self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
+
+    def training_indices(self, pre: Tensor) -> Tensor:
+        """pre (B, L), no grad -> ascending flat indices of the active pairs."""
+        return batch_topk_indices(pre.reshape(-1), self.k * pre.shape[0])
+
+    def inference_indices(self, pre: Tensor) -> Tensor:
+        cut = self.threshold.clamp(min=torch.finfo(pre.dtype).tiny)
+        return (pre.reshape(-1) > cut).nonzero().squeeze(1)
+
+    def inference_dense(self, pre: Tensor) -> Tensor:
+        """pre (B, L) -> activations (B, L), zero where inactive."""
+        return torch.where(pre > self.threshold, pre, torch.zeros_like(pre)).clamp(min=0)
+
+    @torch.no_grad()
+    def observe(self, vals: Tensor) -> None:
+        """After a training batch: vals (nnz,) the kept activations. Updates the threshold; no host sync."""
+        if len(vals):
+            n = self.updates.double()
+            decay = torch.clamp(n / (10 + n), max=THRESHOLD_DECAY).to(self.threshold.dtype)
+            self.threshold.copy_(self.threshold * decay + (1 - decay) * vals.min())
+            self.updates += 1
+
+    def spec(self) -> dict[str, Any]:
+        """What the file metadata records: enough to rebuild the rule."""
+        return {"rule": self.name, "k": self.k}
+
+    def summary(self) -> dict[str, float]:
+        """Scalars for metrics and summaries."""
+        return {"threshold": float(self.threshold)}
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        """Tensors the transcoder file holds for this rule (the names are part of the file layout)."""
+        return {"threshold": self.threshold}
+
+
+RULES: dict[str, type[nn.Module]] = {"batchtopk": BatchTopK}
+
+
+def rule_from_spec(spec: dict[str, Any]) -> nn.Module:
+    spec = dict(spec)
+    name = spec.pop("rule")
+    if name not in RULES:
+        raise ValueError(f"unknown sparsity rule {name!r} (this tc knows {sorted(RULES)})")
+    return RULES[name](**spec)
