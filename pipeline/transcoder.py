@@ -222,16 +222,17 @@ class Transcoder(nn.Module):
     def _pre(self, x_n: Tensor) -> Tensor:
         return torch.addmm(self.b_enc, x_n, self.W_enc.t())   # (B, L), no relu: cutoffs are > 0
 
-    def _select(self, pre: Tensor, use_threshold: bool) -> tuple[Tensor, Tensor]:
-        """Active (rows, cols), sorted by (group, row, latent). pre: (B, L), no grad.
-        use_threshold: the rule's batch-independent inference choice, else its training choice."""
+    def _select(self, pre: Tensor, use_threshold: bool, by_group: bool = True) -> tuple[Tensor, Tensor]:
+        """Active (rows, cols), sorted by (group, row, latent), or by (row, latent) when not
+        by_group. pre: (B, L), no grad. use_threshold: the rule's batch-independent inference
+        choice, else its training choice."""
         L = pre.shape[1]
         if use_threshold:
             idx = self.sparsity.inference_indices(pre)
         else:
             idx = self.sparsity.training_indices(pre)
         rows, cols = idx // L, idx % L                 # row-major: sorted by (row, latent)
-        if len(self.groups) > 1:
+        if by_group and len(self.groups) > 1:
             # regroup by latent group; boolean selection keeps the row order inside each group
             group = self.group_of(cols)
             parts = [(group == g).nonzero().squeeze(1) for g in range(len(self.groups))]
@@ -277,15 +278,19 @@ class Transcoder(nn.Module):
                                 pred=preds[-1].detach())
 
     def decode_prefixes(self, rows: Tensor, cols: Tensor, vals: Tensor, B: int,
-                        col_order: Tensor | None = None) -> Tensor:
+                        col_order: Tensor | None = None, prefixes: bool = True) -> Tensor:
         """The prediction of every Matryoshka prefix in normalised target units, (G, B, d_out):
         prefix i from latents < m_i, plus b_dec. (rows, cols, vals) are the active pairs sorted by
         (group, row, latent), as `_select` gives them. Sparse (one embedding-bag per (group, row)),
-        never B x L x d; differentiable in vals and W_dec (pass col_order = argsort(cols) then)."""
-        G = len(self.groups)
-        bags = self.group_of(cols) * B + rows                          # sorted by construction
-        parts = SparseDecode.apply(vals, self.W_dec, cols, bags, G * B, col_order)
-        return parts.view(G, B, self.d_out).cumsum(0) + self.b_dec
+        never B x L x d; differentiable in vals and W_dec (pass col_order = argsort(cols) then).
+        prefixes=False: only the whole dictionary's prediction, (1, B, d_out), from pairs sorted by
+        (row, latent) (`_select(..., by_group=False)`); a G-th of the work, for inference."""
+        if prefixes:
+            n_prefixes, bags = len(self.groups), self.group_of(cols) * B + rows   # sorted by construction
+        else:
+            n_prefixes, bags = 1, rows
+        parts = SparseDecode.apply(vals, self.W_dec, cols, bags, n_prefixes * B, col_order)
+        return parts.view(n_prefixes, B, self.d_out).cumsum(0) + self.b_dec
 
     def _dense_decode(self, x_n: Tensor, rows: Tensor, cols: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
         """Reference path (and the SAELens way): dense acts (B, L) @ W_dec per group."""
@@ -375,7 +380,10 @@ class Transcoder(nn.Module):
     @torch.no_grad()
     def predict(self, x_raw: Tensor) -> Tensor:
         """(B, d_in) raw source -> (B, d_out) predicted raw target (the whole dictionary)."""
-        return self.predict_prefixes(x_raw)[0][-1]
+        pre = self._pre(self.normalize_source(x_raw))
+        rows, cols = self._select(pre, use_threshold=True, by_group=False)
+        y_n = self.decode_prefixes(rows, cols, pre[rows, cols], x_raw.shape[0], prefixes=False)[0]
+        return self.denormalize_target(y_n)
 
     # -- files
 
