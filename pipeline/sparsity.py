@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pipeline.util import UserError
+
 THRESHOLD_DECAY = 0.99   # EMA decay of the inference threshold (after a warm start, see observe)
 CANDIDATE_STRIDE = 61    # subsample stride used to find a cheap lower bound for the BatchTopK cutoff
 
@@ -94,5 +96,6 @@ def rule_from_spec(spec: dict[str, Any]) -> nn.Module:
     spec = dict(spec)
     name = spec.pop("rule")
     if name not in RULES:
-        raise ValueError(f"unknown sparsity rule {name!r} (this tc knows {sorted(RULES)})")
+        raise UserError(f"unknown sparsity rule {name!r} (this tc knows {', '.join(sorted(RULES))}): "
+                        "read the file with the tc version that wrote it")
     return RULES[name](**spec)

@@ -10,8 +10,9 @@ Choices (also in docs/transcoder.md):
 - Encoder: pre = x_n W_enc^T + b_enc. Which pre-activations are active is the sparsity rule's
   choice (`self.sparsity`, pipeline/sparsity.py): BatchTopK while training, a batch-independent
   threshold at inference.
-- Decoding lives in one place, `decode_prefixes`: training, eval, samples and export all get
-  their per-prefix predictions from it (`forward`, `predict_prefixes`, `predict`).
+- Decoding lives in one place, `decode_prefixes`: the training loss, eval's splice and its
+  per-prefix FVU all get their predictions from it (`forward`, `predict`, `predict_prefixes`);
+  samples and export read activations from `encode` / `encode_rows`, the same encoder.
 - Sparse compute: the dense pre-activations are computed once without autograd (to choose the
   active set); the backward of encoder and decoder only touches the nnz active pairs
   (O(nnz * d) instead of O(B * L * d)). `dense=True` runs the plain dense reference instead.
@@ -151,7 +152,7 @@ class Transcoder(nn.Module):
         if sum(groups) <= 0 or any(g <= 0 for g in groups):
             raise ValueError(f"groups must be positive sizes, got {groups}")
         if (sparsity is None) == (k is None):
-            raise ValueError("give k (BatchTopK) or a sparsity rule, not both")
+            raise ValueError("give exactly one of k (BatchTopK) and sparsity (a rule from pipeline/sparsity.py)")
         self.d_in, self.d_out = d_in, d_out
         self.sparsity = sparsity if sparsity is not None else BatchTopK(k)
         self.aux_k, self.aux_coef, self.dead_tokens, self.dense = aux_k, aux_coef, dead_tokens, dense
@@ -258,8 +259,7 @@ class Transcoder(nn.Module):
             rows, cols = self._select(pre, use_threshold)              # (nnz,), (nnz,)
             raw_vals = pre[rows, cols]                                 # (nnz,) all > 0
         if self.dense:
-            parts, _ = self._dense_decode(x_n, rows, cols, pre)        # (G, B, d_out)
-            preds = parts.cumsum(0) + self.b_dec
+            preds = self._dense_decode_prefixes(x_n, rows, cols, pre)  # (G, B, d_out)
         else:
             col_order = torch.argsort(cols)
             vals = SparseEncode.apply(x_n, self.W_enc, self.b_enc, rows, cols, raw_vals, col_order)
@@ -292,14 +292,14 @@ class Transcoder(nn.Module):
         parts = SparseDecode.apply(vals, self.W_dec, cols, bags, n_prefixes * B, col_order)
         return parts.view(n_prefixes, B, self.d_out).cumsum(0) + self.b_dec
 
-    def _dense_decode(self, x_n: Tensor, rows: Tensor, cols: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
-        """Reference path (and the SAELens way): dense acts (B, L) @ W_dec per group."""
+    def _dense_decode_prefixes(self, x_n: Tensor, rows: Tensor, cols: Tensor, pre: Tensor) -> Tensor:
+        """Reference for decode_prefixes (and the SAELens way): dense acts (B, L) @ W_dec per group."""
         mask = torch.zeros_like(pre)
         mask[rows, cols] = 1.0
         acts = torch.relu(x_n @ self.W_enc.t() + self.b_enc) * mask   # (B, L) with grad
         parts = torch.stack([acts[:, a:b] @ self.W_dec[a:b] for a, b in
                              zip([0] + self.boundaries[:-1], self.boundaries)])
-        return parts, acts[rows, cols]
+        return parts.cumsum(0) + self.b_dec
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.dead_tokens   # (L,) bool
