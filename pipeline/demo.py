@@ -57,6 +57,7 @@ class Stages:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from pipeline import cache, collect, evaluate, export, train
+
     cfg = checked(cfg)
 
     t0 = time.perf_counter()

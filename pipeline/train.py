@@ -153,10 +153,9 @@ def default_groups(dict_size: int) -> list[int]:
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
-    """A checked config (values parsed, pipeline/config.py) with its derived defaults filled: the groups."""
-    cfg = checked(cfg)
+    """The config with its derived defaults filled: the groups."""
     if cfg.groups is None and cfg.dict_size >= 8:
-        cfg.groups = default_groups(cfg.dict_size)
+        return dataclasses.replace(cfg, groups=default_groups(cfg.dict_size))
     return cfg
 
 
