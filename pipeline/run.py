@@ -135,20 +135,26 @@ class Run:
                 raise UserError(f"{self.config_file} is not valid JSON ({e})") from None
         return self._config
 
+    def latest_step_name(self) -> str | None:
+        """What `latest` names (step_XXXXXX), complete or not."""
+        return self.latest_pointer.read_text().strip() if self.latest_pointer.exists() else None
+
     def latest_checkpoint(self) -> Path | None:
         """The checkpoint `latest` names, if it is complete."""
-        if not self.latest_pointer.exists():
+        name = self.latest_step_name()
+        if name is None:
             return None
-        path = self.checkpoints_dir / self.latest_pointer.read_text().strip()
+        path = self.checkpoints_dir / name
         return path if (path / CHECKPOINT_STATE).exists() else None
 
-    def latest_step_name(self) -> str | None:
-        return self.latest_pointer.read_text().strip() if self.latest_pointer.exists() else None
+    def trained_on(self) -> str | None:
+        """The path of the store the run trained on, as its config records it."""
+        config = self.config()
+        return config.get("cache") or config.get("config", {}).get("cache")
 
     def store_path(self, cache: str | None = None) -> str:
         """The store to read: `cache` when given, else the one the run trained on."""
-        config = self.config()
-        path = cache or config.get("cache") or config.get("config", {}).get("cache")
+        path = cache or self.trained_on()
         if not path:
             raise UserError(f"{self.config_file} records no store: pass --cache STORE")
         if not Path(path).exists():
@@ -162,8 +168,7 @@ class Run:
 
     def training_store(self, fallback: Store) -> Store:
         """The store the run trained on; `fallback` when that one is gone or is the same."""
-        config = self.config()
-        path = config.get("cache") or config.get("config", {}).get("cache")
+        path = self.trained_on()
         if not path or not Path(path).exists() or Path(path).resolve() == Path(fallback.path).resolve():
             return fallback
         return Store(path).require_complete()
