@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import checked
-from pipeline.store import (LOCK_NAME, Store, StoreWriter, WriterLock, chunk_rows_for, creation_interrupted,
-                            is_store, to_fp16)
+from pipeline.store import (LOCK_NAME, OUTLIER_FACTOR, Store, StoreWriter, WriterLock, chunk_rows_for,
+                            creation_interrupted, is_store, to_fp16)
 from pipeline.util import UserError, fault_point, opt, parse_count, pick_device, write_config_toml
 
 # Fields that define what the store holds: a re-run must agree on all of them to resume.
@@ -45,6 +45,9 @@ class CacheConfig:
     out: str | None = opt(None, "Store path (default data/l{layer}.zarr).", "Output")
     chunk_rows: int | None = opt(None, "Rows per chunk (default: whole sequences, about 4096 rows).", "Output")
     compress: bool = opt(False, "Compress activations with zstd (about 1.08x smaller, reads 2-4x slower).", "Output")
+    outlier_factor: float = opt(OUTLIER_FACTOR, "Flag rows whose source norm is above this many times their chunk's "
+                                "median (0 flags none); flagged rows are left out of statistics, training and "
+                                "samples unless asked for (docs/store.md).", "Output")
     overwrite: bool = opt(False, "Replace an existing store made with a different configuration.", "Output")
     batch_size: int = opt(8, "Sequences per forward pass.", "Compute")
     device: str = opt("auto", "auto, cpu or cuda.", "Compute")
@@ -65,6 +68,8 @@ def validate(cfg: CacheConfig) -> None:
         raise UserError(f"--layer must be 0 or more, got {cfg.layer}")
     if cfg.chunk_rows is not None and (cfg.chunk_rows <= 0 or cfg.chunk_rows % cfg.seq_len):
         raise UserError(f"--chunk-rows must be a positive multiple of --seq-len ({cfg.seq_len})")
+    if cfg.outlier_factor != 0 and not cfg.outlier_factor > 1:   # <= 1 would flag about half the rows
+        raise UserError(f"--outlier-factor must be 0 (flag none) or above 1, got {cfg.outlier_factor}")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"unknown --dtype {cfg.dtype!r}: use auto, float32, bfloat16 or float16")
 
@@ -79,12 +84,16 @@ def prepare_output(cfg: CacheConfig) -> str:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is a file: choose another --out")
     if out.is_dir() and is_store(out):
-        old = Store(out).attrs.get("config", {})
-        same = {k: old.get(k) for k in IDENTITY_FIELDS} == identity(cfg)
-        if same and not cfg.overwrite:
+        attrs = Store(out).attrs
+        old = attrs.get("config", {})
+        diff = [k for k in IDENTITY_FIELDS if old.get(k) != identity(cfg)[k]]
+        # a store made before the outlier rule has none recorded: readers apply the default one
+        rule = attrs.get("outlier_rule")
+        if rule is not None and float(rule["factor"]) != float(cfg.outlier_factor):
+            diff.append("outlier_factor")
+        if not diff and not cfg.overwrite:
             return "done" if Store(out).complete else "resume"
         if not cfg.overwrite:
-            diff = [k for k in IDENTITY_FIELDS if old.get(k) != identity(cfg)[k]]
             raise UserError(f"{out} holds a store made with a different configuration ({', '.join(diff)}): "
                             "pass --overwrite to replace it, or choose another --out")
         return "create"
@@ -250,7 +259,7 @@ def open_writer(cfg: CacheConfig, out: Path, action: str, lm: Any, hooks: list[s
         "config": asdict(cfg),
     }
     return StoreWriter.create(out, n_rows=n_rows, d_model=lm.d_model, chunk_rows=chunk_rows, attrs=attrs,
-                              compress=cfg.compress)
+                              compress=cfg.compress, outlier_factor=cfg.outlier_factor)
 
 
 def write_store(cfg: CacheConfig, writer: StoreWriter, lm: Any, hooks: list[str], docs: Iterator[str]) -> dict[str, Any]:
@@ -339,10 +348,12 @@ def finish(cfg: CacheConfig, writer: StoreWriter, n_rows: int, seconds: float, v
     nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     result = {"store": str(out), "tokens": n_rows, "rows": n_rows, "bytes": nbytes,
               "bytes_per_token": nbytes / max(n_rows, 1), "seconds": round(seconds, 1),
-              "overflow_rows": summary["overflow"]["rows"], "bos_rows": summary["n_bos_rows"]}
+              "overflow_rows": summary["overflow"]["rows"], "bos_rows": summary["n_bos_rows"],
+              "outlier_rows": summary.get("n_outlier_rows", 0)}
     if n_rows < planned:
         print(f"the text ran out: wrote {n_rows:,} of the {planned:,} tokens asked for; the store is complete for what it holds")
     print(f"wrote {n_rows:,} tokens to {out}: {nbytes / 1e6:,.1f} MB ({result['bytes_per_token']:,.0f} bytes/token), "
           f"{seconds:,.1f} s this run, {summary['overflow']['rows']} rows clamped to fp16 range, "
-          f"{summary['n_bos_rows']} BOS rows excluded from statistics")
+          f"{summary['n_bos_rows']} BOS rows and {result['outlier_rows']} outlier rows left out of statistics "
+          "and training")
     return result

@@ -38,6 +38,8 @@ class CollectConfig:
     interval_samples: int = opt(5, "Random samples kept per feature and interval.", "Samples")
     hist_bins: int = opt(40, "Bins of each feature's activation histogram over [0, max].", "Samples")
     include_bos: bool = opt(False, "Also use BOS rows (excluded by default: their norms dwarf the rest).", "Samples")
+    include_outliers: bool = opt(False, "Also use outlier rows (source norm far above their chunk's median; "
+                                 "see docs/store.md).", "Samples")
     seed: int = opt(0, "Seed of the random interval sampling.", "Samples")
     batch_size: int = opt(2048, "Rows encoded at once.", "Compute")
     device: str = opt("auto", "auto, cpu or cuda.", "Compute")
@@ -47,7 +49,8 @@ class CollectConfig:
 
 
 # Settings that change the result: a resumed or finished collect must agree on them.
-COLLECT_IDENTITY = ("tokens", "top_n", "intervals", "interval_samples", "hist_bins", "include_bos", "seed")
+COLLECT_IDENTITY = ("tokens", "top_n", "intervals", "interval_samples", "hist_bins", "include_bos",
+                    "include_outliers", "seed")
 
 
 def validate_collect(cfg: CollectConfig) -> None:
@@ -127,7 +130,7 @@ def _scan_chunk(tc: Transcoder, store: Store, cfg: CollectConfig, st: ExactState
     a, b = store.chunk_range(c)
     b = min(b, n_rows)
     data = store.read_rows(a, b)
-    keep = np.flatnonzero(usable_mask(data.flags, cfg.include_bos))
+    keep = np.flatnonzero(usable_mask(data.flags, cfg.include_bos, cfg.include_outliers))
     for i, lo in enumerate(range(0, len(keep), cfg.batch_size)):
         sel = keep[lo:lo + cfg.batch_size]
         acts = tc.encode_rows(data.source[sel])                             # (n, F)

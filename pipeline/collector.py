@@ -32,6 +32,7 @@ class SampleSettings:
     top_features: int              # features written to features.json
     samples_per_feature: int       # samples written per feature
     include_bos: bool              # BOS rows may be samples
+    include_outliers: bool = False # outlier rows may be samples
 
 
 def active_entries(out: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,11 +129,11 @@ class SampleCollector:
 
 def make_collector(settings: SampleSettings, d_latent: int, device: str | torch.device,
                    store: Store | None = None) -> SampleCollector:
-    """The collector the trainer is handed. With `store`, rows the settings exclude (BOS unless
-    include_bos) are never kept, even if the trainer feeds them."""
+    """The collector the trainer is handed. With `store`, rows the settings exclude (BOS and
+    outlier rows unless asked for) are never kept, even if the trainer feeds them."""
     excluded = None
     if store is not None:
-        excluded = torch.from_numpy(~store.usable(settings.include_bos))
+        excluded = torch.from_numpy(~store.usable(settings.include_bos, settings.include_outliers))
     col = SampleCollector(d_latent, settings.max_samples_per_feature, settings.sample_threshold, device,
                           excluded, n_rows=store.n_rows if store is not None else None)
     col.settings = settings

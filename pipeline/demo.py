@@ -126,7 +126,7 @@ def summarize(store: Path, run: Run, page: Path, result: dict[str, Any], seconds
     print(f"tc demo done in {seconds / 60:.1f} min ("
           + ", ".join(f"{name} {sec:.0f} s" for name, sec in stage_seconds.items()) + ")")
     print(f"  tokens cached        {summary['tokens_cached']:,}   ({store})")
-    for key, label in (("fvu", "FVU (all latents)"), ("l0", "L0"), ("dead_fraction", "dead fraction"),
+    for key, label in (("fvu", "FVU (all latents)"), ("l0", "L0"), ("dead_fraction", "dead (eval rows)"),
                        ("fraction_recovered", "loss recovered")):
         value = summary[key]
         print(f"  {label:<20} {value:.4f}" if isinstance(value, (int, float)) else f"  {label:<20} n/a")

@@ -209,8 +209,12 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{r['variance_explained_per_prefix'][i]:>12.4f}{r['l0_per_group'][i]:>13.2f}{r['dead_per_group'][i]:>15,}")
     q = r["l0_quantiles"]
     lines += [f"    L0 mean {r['l0']:.2f}  (p10 {q['p10']}, median {q['p50']}, p90 {q['p90']}, p99 {q['p99']})",
-              f"    dead {r['dead_fraction']:.2%} ({r['dead_features']:,})   dense (> {r['dense_threshold']:.0%} of rows) "
-              f"{r['dense_fraction']:.2%} ({r['dense_features']:,})"]
+              f"    dead (never active on these rows) {r['dead_fraction']:.2%} ({r['dead_features']:,})   "
+              f"dense (> {r['dense_threshold']:.0%} of rows) {r['dense_fraction']:.2%} ({r['dense_features']:,})"]
+    o = r.get("outliers") or {}
+    if o.get("n_rows"):
+        fvu = "n/a" if o["fvu"] is None else f"{o['fvu']:.4f}"
+        lines.append(f"    outlier rows (left out above, see docs/store.md): {o['n_rows']:,}, FVU {fvu}")
     return "\n".join(lines)
 
 

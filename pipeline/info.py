@@ -7,7 +7,7 @@ from typing import Any
 
 from pipeline.metrics import read_metrics
 from pipeline.run import Run, is_run
-from pipeline.store import Store, is_store
+from pipeline.store import OUTLIER_FACTOR, Store, is_store
 from pipeline.util import UserError
 
 
@@ -50,7 +50,8 @@ def describe_store(path: Path) -> list[str]:
         lines += [f"state      complete: {s.n_rows:,} tokens in {s.n_chunks} chunks",
                   f"stats      mean norm source {st['source']['mean_norm']:,.1f}, target {st['target']['mean_norm']:,.1f} "
                   f"over {st['source']['count']:,} rows; {a.get('n_bos_rows', 0):,} BOS rows, "
-                  f"{a['overflow']['rows']:,} rows clamped to fp16"]
+                  f"{a['overflow']['rows']:,} rows clamped to fp16",
+                  outlier_line(s)]
     else:
         done = int(s.group["chunk_meta"][:, 0].sum())
         total = s.group["chunk_meta"].shape[0]
@@ -60,6 +61,17 @@ def describe_store(path: Path) -> list[str]:
     v = a.get("versions", {})
     lines.append("made by    " + ", ".join(f"{k} {v[k]}" for k in ("tc", "torch", "transformers", "transformer-lens", "zarr") if k in v))
     return lines
+
+
+def outlier_line(s: Store) -> str:
+    """How many outlier rows the store has, by which rule, and whether they were found at read time."""
+    rule = s.attrs.get("outlier_rule") or {"factor": OUTLIER_FACTOR}
+    n = s.n_outlier_rows
+    when = "found at read time (store made before the rule)" if s.outliers_at_read else "flagged when cached"
+    if rule["factor"] <= 0:
+        return "outliers   none flagged (cached with --outlier-factor 0)"
+    return (f"outliers   {n:,} rows ({n / max(s.n_rows, 1):.3%}) with source norm > {rule['factor']:g}x their chunk's "
+            f"median, {when}; left out of statistics, and of training and samples unless --include-outliers")
 
 
 def describe_run(run: Run) -> list[str]:
@@ -85,7 +97,8 @@ def describe_run(run: Run) -> list[str]:
     m = rows[-1] if rows else None
     if m:
         lines.append(f"metrics    step {m.get('step')}: loss {m.get('loss'):.4g}, FVU {m.get('fvu'):.4f}, "
-                     f"L0 {m.get('l0'):.1f}, dead {m.get('dead_features')}")
+                     f"L0 {m.get('l0'):.1f}, dead {m.get('dead_features')} (not fired in the last "
+                     f"{cfg.get('dead_tokens', 100_000):,} training tokens)")
     if run.eval_file.exists():
         ev = json.loads(run.eval_file.read_text())
         fr = ev.get("lm", {}).get("fraction_recovered", ev.get("fraction_recovered"))

@@ -48,18 +48,19 @@ class ChunkLoader:
 
     def __init__(self, store: Store, batch_size: int, *, seed: int = 0, position: int = 0,
                  group_chunks: int = DEFAULT_GROUP_CHUNKS, include_bos: bool = False,
+                 include_outliers: bool = False,
                  norm: dict | None = None, device: str | torch.device = "cpu", prefetch_batches: int = 4):
         self.store = store
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.group_chunks = max(1, int(group_chunks))
         self.device = torch.device(device)
-        self.usable_mask = store.usable(include_bos)                       # (n_rows,) bool
+        self.usable_mask = store.usable(include_bos, include_outliers)                      # (n_rows,) bool
         starts = np.arange(store.n_chunks) * store.chunk_rows
         self.chunk_usable = np.add.reduceat(self.usable_mask.astype(np.int64), starts) if store.n_chunks else np.zeros(0, np.int64)
         self.rows_per_epoch = int(self.chunk_usable.sum())
         if self.rows_per_epoch == 0:
-            raise UserError(f"{store.path} has no usable rows (all are flagged BOS/overflow): cache more text")
+            raise UserError(f"{store.path} has no usable rows (all are flagged BOS, clamped or outlier): cache more text")
         self._norm = self._norm_tensors(norm, store.d_model)
         self.position = int(position)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch_batches))

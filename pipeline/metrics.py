@@ -49,7 +49,10 @@ class Metrics:
         seconds = time.perf_counter() - self.window_start
         dead = int(model.dead_mask().sum())
         row = {"step": step, "tokens": step * batch_size, "loss": m[0], "fvu": m[1], "fvu_levels": m[4:],
-               "l0": m[2], "aux_loss": m[3], "dead_features": dead, "dead_fraction": dead / model.d_latent,
+               "l0": m[2], "aux_loss": m[3],
+               # training's "dead": not fired in the last dead_tokens training tokens (eval's: never
+               # active on its rows); the same counter, named by its window everywhere it is shown
+               "dead_features": dead, "dead_fraction": dead / model.d_latent, "dead_window_tokens": model.dead_tokens,
                "lr": lr, **model.sparsity.summary(),
                "tokens_per_s": self.window_tokens / seconds if seconds > 0 else None}
         with open(self.path, "a") as f:

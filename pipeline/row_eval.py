@@ -45,24 +45,35 @@ def row_metrics(transcoder: Transcoder, store: Store, rows: int, device: str, de
     """FVU per prefix, variance explained, L0, dead and dense fractions over sampled store rows.
 
     Rows flagged as clamped to the fp16 range are always skipped, BOS rows unless include_bos
-    (the transcoder never trained on them). Memory: one chunk plus (G, batch_rows, d) predictions.
+    (the transcoder never trained on them). Outlier rows are left out of the main numbers too, and
+    measured on their own ("outliers"), so a reader sees how the transcoder does on them.
+    Memory: one chunk plus (G, batch_rows, d) predictions.
     """
     G = len(transcoder.groups)
     tot = RowTotals(transcoder.d_out, transcoder.d_latent, G)
+    outliers = RowTotals(transcoder.d_out, transcoder.d_latent, G)
     chunks = pick_chunks(store.n_chunks, store.chunk_rows, rows)
     bar = tqdm(total=sum(b - a for a, b in map(store.chunk_range, chunks)), unit="row",
                unit_scale=True, desc="eval: store rows", disable=not progress)
     for c in chunks:
         block = store.read_chunk(c)
         keep = usable_mask(block.flags, include_bos)
-        x_all, y_all = block.source[keep], block.target[keep]
-        for a in range(0, len(x_all), batch_rows):
-            x = torch.from_numpy(x_all[a:a + batch_rows]).float().to(device)   # (B, d_in)
-            y = torch.from_numpy(y_all[a:a + batch_rows]).float().to(device)   # (B, d_out)
-            add_rows(tot, transcoder, x, y)
+        outlier = usable_mask(block.flags, include_bos, include_outliers=True) & ~keep
+        for totals, mask in ((tot, keep), (outliers, outlier)):
+            add_block(totals, transcoder, block.source[mask], block.target[mask], device, batch_rows)
         bar.update(len(block.flags))
     bar.close()
-    return summarize_rows(tot, transcoder, dense_threshold, chunks, store)
+    out = summarize_rows(tot, transcoder, dense_threshold, chunks, store)
+    out["outliers"] = {"n_rows": outliers.n, "fvu": float(outliers.fvu()[-1]) if outliers.n > 1 else None}
+    return out
+
+
+def add_block(tot: RowTotals, transcoder: Transcoder, source: np.ndarray, target: np.ndarray,
+              device: str, batch_rows: int) -> None:
+    for a in range(0, len(source), batch_rows):
+        x = torch.from_numpy(source[a:a + batch_rows]).float().to(device)   # (B, d_in)
+        y = torch.from_numpy(target[a:a + batch_rows]).float().to(device)   # (B, d_out)
+        add_rows(tot, transcoder, x, y)
 
 
 def add_rows(tot: RowTotals, transcoder: Transcoder, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -25,6 +25,9 @@ SCHEMA = "tc-store"
 SCHEMA_VERSION = 1
 FLAG_BOS = 1        # row is a BOS token: excluded from statistics, training and samples by default
 FLAG_OVERFLOW = 2   # a value exceeded the fp16 range and was clamped to +-65504
+FLAG_OUTLIER = 4    # source norm far beyond its chunk's typical row (outlier_mask): excluded by default
+OUTLIER_FACTOR = 2.5   # measured: bench/outliers.py, docs/store.md ("Outlier rows")
+OUTLIER_RULE = "source_norm_over_chunk_median"
 FP16_MAX = 65504.0
 DEFAULT_CHUNK_ROWS = 4096   # measured fastest for random whole-chunk reads (design brief)
 CHUNKED_ARRAYS = ("source", "target", "tokens", "flags", "chunk_stats", "chunk_norms", "chunk_meta")
@@ -32,14 +35,28 @@ META_COLUMNS = ["committed", "rows", "stat_rows", "overflow_source", "overflow_t
 LOCK_NAME = ".tc-writer.lock"
 
 
-def skip_flags(include_bos: bool = False) -> int:
-    """The flags of rows every stage leaves out: clamped rows always, BOS rows unless asked for."""
-    return FLAG_OVERFLOW | (0 if include_bos else FLAG_BOS)
+def skip_flags(include_bos: bool = False, include_outliers: bool = False) -> int:
+    """The flags of rows every stage leaves out: clamped rows always, BOS and outlier rows unless asked for."""
+    return FLAG_OVERFLOW | (0 if include_bos else FLAG_BOS) | (0 if include_outliers else FLAG_OUTLIER)
 
 
-def usable_mask(flags: np.ndarray, include_bos: bool = False) -> np.ndarray:
-    """Which rows statistics, training, samples and eval use: the one definition of "usable"."""
-    return (flags & skip_flags(include_bos)) == 0
+def usable_mask(flags: np.ndarray, include_bos: bool = False, include_outliers: bool = False) -> np.ndarray:
+    """Which rows statistics, training, samples and eval use: the one definition of "usable".
+    Statistics always leave BOS and outlier rows out; the options are for the stages."""
+    return (flags & skip_flags(include_bos, include_outliers)) == 0
+
+
+def outlier_mask(source16: np.ndarray, flags: np.ndarray, factor: float = OUTLIER_FACTOR) -> np.ndarray:
+    """(n,) bool: the rows of one chunk (not BOS, not clamped) whose source L2 norm is above `factor`
+    times the median norm of those rows. Per chunk, so a writer needs no other chunk, and a reader can
+    apply it to a store made before the rule and get the bits a writer would have written.
+    factor <= 0 flags nothing."""
+    candidates = (flags & (FLAG_BOS | FLAG_OVERFLOW)) == 0
+    if factor <= 0 or not candidates.any():
+        return np.zeros(len(flags), dtype=bool)
+    x = source16.astype(np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    return candidates & (norms > factor * np.median(norms[candidates]))
 
 
 def chunk_rows_for(seq_len: int, target: int = DEFAULT_CHUNK_ROWS) -> int:
@@ -133,12 +150,15 @@ class StoreWriter:
         self.chunk_rows = int(group.attrs["chunk_rows"])
         self.n_rows_planned = int(group.attrs["n_rows_planned"])
         self.n_chunks = int(group["chunk_meta"].shape[0])
+        # a store begun before the outlier rule stays without it, so all its chunks agree
+        self.outlier_factor = float(group.attrs.get("outlier_rule", {}).get("factor", 0.0))
         self.arrays = {name: group[name] for name in CHUNKED_ARRAYS}
         self.folders = {name: chunk_folder(a) for name, a in self.arrays.items()}
 
     @classmethod
     def create(cls, path: str | Path, *, n_rows: int, d_model: int, chunk_rows: int,
-               attrs: dict[str, Any], vocab: list[str] | None = None, compress: bool = False) -> "StoreWriter":
+               attrs: dict[str, Any], vocab: list[str] | None = None, compress: bool = False,
+               outlier_factor: float = OUTLIER_FACTOR) -> "StoreWriter":
         """A new, empty store planned for `n_rows` rows. The caller has checked it may write here."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -150,7 +170,8 @@ class StoreWriter:
             group = zarr.open_group(str(path), mode="w", attributes={   # clears the folder, the lock too
                 **attrs, "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "versions": versions(),
                 "d_model": d_model, "chunk_rows": chunk_rows, "n_rows_planned": n_rows, "n_rows": 0,
-                "complete": False, "flags": {"bos": FLAG_BOS, "overflow": FLAG_OVERFLOW}})
+                "complete": False, "flags": {"bos": FLAG_BOS, "overflow": FLAG_OVERFLOW, "outlier": FLAG_OUTLIER},
+                "outlier_rule": {"rule": OUTLIER_RULE, "factor": float(outlier_factor)}})
             lock.write()
             n_chunks = -(-n_rows // chunk_rows)
             # fp16 activations barely compress (zstd 1.08x) and reads get 2-4x slower: raw by default
@@ -202,6 +223,7 @@ class StoreWriter:
             (src16, tgt16), (src_over, tgt_over) = (source, target), clamped
         flags = np.where(bos_mask, FLAG_BOS, 0).astype(np.uint8)
         flags |= np.where(src_over | tgt_over, FLAG_OVERFLOW, 0).astype(np.uint8)
+        flags |= np.where(outlier_mask(src16, flags, self.outlier_factor), FLAG_OUTLIER, 0).astype(np.uint8)
         keep = usable_mask(flags)
         # statistics of what is stored (the fp16 values), so a reader can recompute them exactly
         src_sum, src_sq, src_norm = chunk_sums(src16[keep])
@@ -261,8 +283,11 @@ class StoreWriter:
                 arr = stats[side].pop(key)
                 sg.create_array(f"{side}_{key}", shape=arr.shape, dtype="float64", overwrite=True)[:] = arr
         overflow = {"source": int(meta[:, 3].sum()), "target": int(meta[:, 4].sum()), "rows": int(meta[:, 5].sum())}
+        flags = g["flags"][:n_rows]
         summary = {"n_rows": n_rows, "complete": True, "stats": stats, "overflow": overflow,
-                   "n_bos_rows": int(n_rows - meta[:, 2].sum() - overflow["rows"])}
+                   "n_bos_rows": int(np.count_nonzero(flags & FLAG_BOS))}
+        if "outlier_rule" in g.attrs:
+            summary["n_outlier_rows"] = int(np.count_nonzero(flags & FLAG_OUTLIER))
         fault_point("finalize_before_mark")
         # one write of zarr.json: `attrs.update` would write it once per key, and a kill between
         # "complete" and the keys after it left a store that claimed to be complete without them
@@ -378,6 +403,9 @@ class Store:
         self.n_chunks = -(-self.n_rows // self.chunk_rows)
         self._tokens: np.ndarray | None = None
         self._flags: np.ndarray | None = None
+        self._stats: dict[str, dict[str, Any]] | None = None
+        # stores made before the outlier rule get its bits at read time (one pass over source)
+        self.outliers_at_read = self.complete and "outlier_rule" not in self.attrs
 
     def require_complete(self) -> "Store":
         if not self.complete:
@@ -405,26 +433,63 @@ class Store:
 
     @property
     def flags(self) -> np.ndarray:
+        """(n_rows,) uint8 row flags; for a store made before the outlier rule, with its bits added."""
         if self._flags is None:
-            self._flags = self.group["flags"][: self.n_rows]
+            if self.outliers_at_read:
+                self._apply_outlier_rule()
+            else:
+                self._flags = self.group["flags"][: self.n_rows]
         return self._flags
 
-    def usable(self, include_bos: bool = False) -> np.ndarray:
-        """(n_rows,) bool: the rows a stage may use (see usable_mask)."""
-        return usable_mask(self.flags, include_bos)
+    @property
+    def n_outlier_rows(self) -> int:
+        return int(np.count_nonzero(self.flags & FLAG_OUTLIER))
 
-    def n_usable(self, include_bos: bool = False) -> int:
-        return int(self.usable(include_bos).sum())
+    def usable(self, include_bos: bool = False, include_outliers: bool = False) -> np.ndarray:
+        """(n_rows,) bool: the rows a stage may use (see usable_mask)."""
+        return usable_mask(self.flags, include_bos, include_outliers)
+
+    def n_usable(self, include_bos: bool = False, include_outliers: bool = False) -> int:
+        return int(self.usable(include_bos, include_outliers).sum())
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Per-side mean (d,), var (d,), mean_norm, mean_sq_norm, count over unflagged rows."""
+        """Per-side mean (d,), var (d,), mean_norm, mean_sq_norm, count over the usable rows
+        (BOS, clamped and outlier rows left out)."""
         self.require_complete()
+        if self.outliers_at_read:
+            self.flags   # computes the statistics without the outlier rows too
+            return {side: dict(v) for side, v in self._stats.items()}
         out = {}
         for side in ("source", "target"):
             out[side] = dict(self.attrs["stats"][side])
             out[side]["mean"] = self.group[f"stats/{side}_mean"][:]
             out[side]["var"] = self.group[f"stats/{side}_var"][:]
         return out
+
+    def _apply_outlier_rule(self) -> None:
+        """A store made before the rule: flag its outlier rows as a writer would have (outlier_mask,
+        chunk by chunk) and take their sums out of the stored per-chunk statistics."""
+        from tqdm import tqdm
+
+        flags = self.group["flags"][: self.n_rows]
+        chunk_stats, chunk_norms = self.group["chunk_stats"][:], self.group["chunk_norms"][:]
+        meta = self.group["chunk_meta"][: self.n_chunks].copy()
+        for c in tqdm(range(self.n_chunks), desc="flagging outlier rows (store made before the rule)",
+                      disable=self.n_chunks < 16, leave=False):
+            a, b = self.chunk_range(c)
+            new = outlier_mask(self.source[a:b], flags[a:b]) & ((flags[a:b] & FLAG_OUTLIER) == 0)
+            if not new.any():
+                continue
+            rows = a + np.flatnonzero(new)
+            for i, side in enumerate((self.source, self.target)):
+                s, sq, norm = chunk_sums(side.get_orthogonal_selection((rows, slice(None))))
+                chunk_stats[c, 2 * i] -= s
+                chunk_stats[c, 2 * i + 1] -= sq
+                chunk_norms[c, i] -= norm
+            meta[c, 2] -= len(rows)
+            flags[rows] |= FLAG_OUTLIER
+        self._stats = aggregate_stats(chunk_stats, chunk_norms, meta)
+        self._flags = flags
 
     def vocab(self) -> list[str]:
         """Token id -> token text, as stored at cache time."""

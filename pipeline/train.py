@@ -35,12 +35,14 @@ from pipeline.metrics import Metrics, WandbLogger, read_metrics, truncate_metric
 from pipeline.run import TRANSCODER, Run
 from pipeline.store import Store
 from pipeline.transcoder import Transcoder, TranscoderOutput, norm_constants
-from pipeline.util import (UserError, fault_point, opt, parse_count, parse_int_list, pick_device, to_jsonable,
-                           versions, write_config_toml, write_json_atomic)
+from pipeline.util import (UserError, fault_point, opt, parse_count, parse_int_list, pick_device, short_count,
+                           to_jsonable, versions, write_config_toml, write_json_atomic)
 
 KILL_ENV = "TC_TRAIN_KILL_AT_STEP"   # testing hook: SIGKILL this process right after that step
 RESUME_FREE = {"resume", "out", "cache", "device", "log_every", "checkpoint_every", "keep_checkpoints",
                "wandb_project"}
+# What a run saved before an option existed did, so that resuming it goes on doing that
+BEFORE_OPTION = {"include_outliers": True}
 
 
 def _opt_count(text: str | int | None) -> int | None:
@@ -71,6 +73,8 @@ class TrainConfig:
     tokens: int | None = opt(None, "Train on this many tokens instead of giving --steps (e.g. 5M).", "Data",
                              parse=_count_option("--tokens"))
     include_bos: bool = opt(False, "Train on BOS rows too (skipped by default: their norms dwarf the rest).", "Data")
+    include_outliers: bool = opt(False, "Train on outlier rows too (source norm far above their chunk's median; "
+                                 "skipped by default, see docs/store.md).", "Data")
     seed: int = opt(0, "Seed of the initialisation and of the shuffled chunk order.", "Data")
     # Dictionary
     dict_size: int = opt(18432, "Number of latents (the dictionary size).", "Dictionary")
@@ -82,6 +86,8 @@ class TrainConfig:
                            "Dictionary", parse=_count_option("--dead-tokens"))
     aux_k: int = opt(512, "Dead latents per token used by the AuxK loss (0 turns it off).", "Dictionary")
     aux_coef: float = opt(1 / 32, "Weight of the AuxK loss.", "Dictionary")
+    skip: bool = opt(False, "Add a linear skip path (W_skip, d_out x d_in, zero at init) to every prefix's "
+                     "prediction: a skip transcoder.", "Dictionary")
     # Optimiser
     lr: float = opt(3e-4, "Peak learning rate (Adam).", "Optimiser")
     warmup_steps: int = opt(200, "Linear warmup from 0 to --lr over this many steps.", "Optimiser")
@@ -247,8 +253,10 @@ def merge_resume(cfg: TrainConfig, saved: dict[str, Any], run_dir: Path,
         elif f.name in given and mine != theirs:
             changed.append(f"--{f.name.replace('_', '-')} {mine} (run: {theirs})")
             merged[f.name] = theirs
+        elif f.name in saved:
+            merged[f.name] = theirs
         else:
-            merged[f.name] = theirs if f.name in saved else mine
+            merged[f.name] = BEFORE_OPTION.get(f.name, mine)
     if changed:
         raise UserError(f"cannot resume {run_dir} with a different configuration: {'; '.join(changed)}; "
                         "drop those options or start a new run")
@@ -324,7 +332,7 @@ def total_steps(cfg: TrainConfig, store: Store) -> int:
         return cfg.steps
     if cfg.tokens is not None:
         return -(-cfg.tokens // cfg.batch_size)
-    usable = store.n_usable(cfg.include_bos)
+    usable = store.n_usable(cfg.include_bos, cfg.include_outliers)
     if usable == 0:
         raise UserError(f"{store.path} has no usable rows (all flagged): cache more text")
     return max(1, usable // cfg.batch_size)
@@ -335,7 +343,7 @@ def build_model(cfg: TrainConfig, store: Store, device: torch.device) -> Transco
     meta = {"model": store.attrs.get("model"), "layer": store.attrs.get("layer"), "hooks": store.hooks,
             "store": str(Path(store.path).resolve())}
     model = Transcoder(d, d, cfg.groups, cfg.k, aux_k=cfg.aux_k, aux_coef=cfg.aux_coef,
-                       dead_tokens=cfg.dead_tokens, meta=meta, seed=cfg.seed)
+                       dead_tokens=cfg.dead_tokens, meta=meta, seed=cfg.seed, skip=cfg.skip)
     n = norm_constants(store.stats())
     model.set_normalization(n["source_mean"], n["source_scale"], n["target_mean"], n["target_scale"])
     return model.to(device)
@@ -402,7 +410,8 @@ def run_train(cfg: TrainConfig, given: set[str] | None = None,
 
     wandb = WandbLogger(cfg.wandb_project, run.path.name, run.path, run.wandb_id_file, cfg) if cfg.wandb_project else None
     loader = ChunkLoader(store, cfg.batch_size, seed=cfg.seed, position=position, norm=norm_constants(store.stats()),
-                         device=device, include_bos=cfg.include_bos)
+                         device=device, include_bos=cfg.include_bos,
+                         include_outliers=cfg.include_outliers)
     try:
         train_loop(setup, model, optimizer, metrics, collector, loader, wandb, step, total)
     finally:
@@ -432,8 +441,8 @@ def train_loop(setup: Setup, model: Transcoder, optimizer: torch.optim.Optimizer
                 collector.observe(step, out, batch.rows)
             if step % cfg.log_every == 0 or step == total:
                 row = metrics.flush(step, cfg.batch_size, lr, model)
-                bar.set_postfix(loss=f"{row['loss']:.4g}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}",
-                                dead=row["dead_features"])
+                bar.set_postfix({"loss": f"{row['loss']:.4g}", "fvu": f"{row['fvu']:.3f}", "l0": f"{row['l0']:.1f}",
+                                 f"dead/{short_count(cfg.dead_tokens)}": row["dead_features"]})
                 if wandb:
                     wandb.log(row)
             if step % cfg.checkpoint_every == 0 or step == total:
@@ -485,5 +494,6 @@ def finish(run: Run, model: Transcoder, store: Store, collector: Collector | Non
     write_json_atomic(run.summary_file, {
         "steps": last.get("step"), "tokens": last.get("tokens"), "fvu": last.get("fvu"),
         "fvu_levels": last.get("fvu_levels"), "l0": last.get("l0"), "dead_features": last.get("dead_features"),
-        "dead_fraction": last.get("dead_fraction"), **model.sparsity.summary(),
+        "dead_fraction": last.get("dead_fraction"), "dead_window_tokens": model.dead_tokens,
+        **model.sparsity.summary(),
         "transcoder": TRANSCODER, "versions": versions()})

@@ -13,6 +13,10 @@ Choices (also in docs/transcoder.md):
 - Decoding lives in one place, `decode_prefixes`: the training loss, eval's splice and its
   per-prefix FVU all get their predictions from it (`forward`, `predict`, `predict_prefixes`);
   samples and export read activations from `encode` / `encode_rows`, the same encoder.
+- Skip path (optional, `skip=True`; Paulo, Shabalin and Belrose 2025): a dense linear map
+  W_skip (d_out, d_in), zero at init, trained with the rest; `decode_prefixes` adds W_skip x_n to
+  EVERY prefix's prediction, so each prefix's latents explain what the linear map does not.
+  Activations (and so samples) do not depend on it.
 - Sparse compute: the dense pre-activations are computed once without autograd (to choose the
   active set); the backward of encoder and decoder only touches the nnz active pairs
   (O(nnz * d) instead of O(B * L * d)). `dense=True` runs the plain dense reference instead.
@@ -147,7 +151,8 @@ def per_sample_weight_grad(grad_out: Tensor, weight: Tensor, cols: Tensor, bags:
 class Transcoder(nn.Module):
     def __init__(self, d_in: int, d_out: int, groups: list[int], k: int | None = None, *, aux_k: int = 512,
                  aux_coef: float = 1 / 32, dead_tokens: int = 100_000, dense: bool = False,
-                 meta: dict[str, Any] | None = None, seed: int | None = None, sparsity: nn.Module | None = None):
+                 meta: dict[str, Any] | None = None, seed: int | None = None, sparsity: nn.Module | None = None,
+                 skip: bool = False):
         super().__init__()
         if sum(groups) <= 0 or any(g <= 0 for g in groups):
             raise ValueError(f"groups must be positive sizes, got {groups}")
@@ -174,12 +179,18 @@ class Transcoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(L))         # (L,)
         self.W_dec = nn.Parameter(w_dec)                  # (L, d_out)
         self.b_dec = nn.Parameter(torch.zeros(d_out))     # (d_out,)
+        # zero at init: training starts from the plain transcoder and adds only what helps
+        self.W_skip = nn.Parameter(torch.zeros(d_out, d_in)) if skip else None   # (d_out, d_in)
         self.register_buffer("source_mean", torch.zeros(d_in))
         self.register_buffer("source_scale", torch.tensor(1.0))
         self.register_buffer("target_mean", torch.zeros(d_out))
         self.register_buffer("target_scale", torch.tensor(1.0))
         # training state (saved in checkpoints, not in the exported layout)
         self.register_buffer("tokens_since_fired", torch.zeros(L, dtype=torch.int64))
+
+    @property
+    def skip(self) -> bool:
+        return self.W_skip is not None
 
     @property
     def k(self) -> int | None:
@@ -263,7 +274,7 @@ class Transcoder(nn.Module):
         else:
             col_order = torch.argsort(cols)
             vals = SparseEncode.apply(x_n, self.W_enc, self.b_enc, rows, cols, raw_vals, col_order)
-            preds = self.decode_prefixes(rows, cols, vals, B, col_order)   # (G, B, d_out) prefix i
+            preds = self.decode_prefixes(rows, cols, vals, B, col_order, x_n=x_n)   # (G, B, d_out) prefix i
         err = y_n.unsqueeze(0) - preds
         mse = err.pow(2).mean(dim=(1, 2))                              # (G,)
         aux = self._aux_loss(x_n, y_n, preds[-1], pre)
@@ -272,15 +283,17 @@ class Transcoder(nn.Module):
             total_var = (y_n - y_n.mean(0)).pow(2).sum().clamp(min=1e-12)
             fvu_levels = err.detach().pow(2).sum(dim=(1, 2)) / total_var
             if update_stats:
-                self._update_stats(cols, raw_vals, B)
+                self._update_stats(cols, raw_vals, B, learn_rule=not use_threshold)
         return TranscoderOutput(loss=loss, mse=mse, aux_loss=aux, fvu=fvu_levels[-1], fvu_levels=fvu_levels,
                                 l0=torch.tensor(len(cols) / B), rows=rows, cols=cols, vals=raw_vals,
                                 pred=preds[-1].detach())
 
     def decode_prefixes(self, rows: Tensor, cols: Tensor, vals: Tensor, B: int,
-                        col_order: Tensor | None = None, prefixes: bool = True) -> Tensor:
+                        col_order: Tensor | None = None, prefixes: bool = True,
+                        x_n: Tensor | None = None) -> Tensor:
         """The prediction of every Matryoshka prefix in normalised target units, (G, B, d_out):
-        prefix i from latents < m_i, plus b_dec. (rows, cols, vals) are the active pairs sorted by
+        prefix i from latents < m_i, plus b_dec, plus the skip path W_skip x_n when the transcoder
+        has one (x_n: the (B, d_in) normalised source, needed then). (rows, cols, vals) are the active pairs sorted by
         (group, row, latent), as `_select` gives them. Sparse (one embedding-bag per (group, row)),
         never B x L x d; differentiable in vals and W_dec (pass col_order = argsort(cols) then).
         prefixes=False: only the whole dictionary's prediction, (1, B, d_out), from pairs sorted by
@@ -290,7 +303,16 @@ class Transcoder(nn.Module):
         else:
             n_prefixes, bags = 1, rows
         parts = SparseDecode.apply(vals, self.W_dec, cols, bags, n_prefixes * B, col_order)
-        return parts.view(n_prefixes, B, self.d_out).cumsum(0) + self.b_dec
+        return parts.view(n_prefixes, B, self.d_out).cumsum(0) + self.bias(x_n)
+
+    def bias(self, x_n: Tensor | None) -> Tensor:
+        """What every prefix's prediction adds to its latents' decode: b_dec, plus W_skip x_n with a
+        skip path; (d_out,) or (B, d_out)."""
+        if self.W_skip is None:
+            return self.b_dec
+        if x_n is None:
+            raise ValueError("a skip transcoder's decode needs the normalised source x_n")
+        return torch.addmm(self.b_dec, x_n, self.W_skip.t())
 
     def _dense_decode_prefixes(self, x_n: Tensor, rows: Tensor, cols: Tensor, pre: Tensor) -> Tensor:
         """Reference for decode_prefixes (and the SAELens way): dense acts (B, L) @ W_dec per group."""
@@ -299,7 +321,7 @@ class Transcoder(nn.Module):
         acts = torch.relu(x_n @ self.W_enc.t() + self.b_enc) * mask   # (B, L) with grad
         parts = torch.stack([acts[:, a:b] @ self.W_dec[a:b] for a, b in
                              zip([0] + self.boundaries[:-1], self.boundaries)])
-        return parts.cumsum(0) + self.b_dec
+        return parts.cumsum(0) + self.bias(x_n)
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.dead_tokens   # (L,) bool
@@ -330,11 +352,13 @@ class Transcoder(nn.Module):
             aux_pred = SparseDecode.apply(vals, self.W_dec, cols, rows, B, col_order)   # (B, d_out)
         return (residual - aux_pred).pow(2).mean()
 
-    def _update_stats(self, cols: Tensor, vals: Tensor, B: int) -> None:
-        """Dead-latent counters, and what the sparsity rule learns from a training batch."""
+    def _update_stats(self, cols: Tensor, vals: Tensor, B: int, learn_rule: bool = True) -> None:
+        """Dead-latent counters, and what the sparsity rule learns from a batch its training choice
+        picked (learn_rule): the inference threshold must not learn from its own choices."""
         self.tokens_since_fired += B
         self.tokens_since_fired[cols] = 0
-        self.sparsity.observe(vals)
+        if learn_rule:
+            self.sparsity.observe(vals)
 
     # -- decoder norm
 
@@ -373,16 +397,19 @@ class Transcoder(nn.Module):
     def predict_prefixes(self, x_raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, d_in) raw source -> the prediction of every prefix in raw target units (G, B, d_out),
         and the active (rows, cols) pairs (inference rule)."""
-        rows, cols, vals = self.encode_sparse(x_raw)
-        preds = self.decode_prefixes(rows, cols, vals, x_raw.shape[0])
+        x_n = self.normalize_source(x_raw)
+        pre = self._pre(x_n)
+        rows, cols = self._select(pre, use_threshold=True)
+        preds = self.decode_prefixes(rows, cols, pre[rows, cols], x_raw.shape[0], x_n=x_n)
         return self.denormalize_target(preds), rows, cols
 
     @torch.no_grad()
     def predict(self, x_raw: Tensor) -> Tensor:
         """(B, d_in) raw source -> (B, d_out) predicted raw target (the whole dictionary)."""
-        pre = self._pre(self.normalize_source(x_raw))
+        x_n = self.normalize_source(x_raw)
+        pre = self._pre(x_n)
         rows, cols = self._select(pre, use_threshold=True, by_group=False)
-        y_n = self.decode_prefixes(rows, cols, pre[rows, cols], x_raw.shape[0], prefixes=False)[0]
+        y_n = self.decode_prefixes(rows, cols, pre[rows, cols], x_raw.shape[0], prefixes=False, x_n=x_n)[0]
         return self.denormalize_target(y_n)
 
     # -- files
@@ -397,7 +424,7 @@ class Transcoder(nn.Module):
                 "d_out": str(self.d_out), "d_latent": str(self.d_latent),
                 "sparsity": json.dumps(self.sparsity.spec()), **({"k": str(self.k)} if self.k is not None else {}),
                 "groups": json.dumps(self.groups), "aux_k": str(self.aux_k), "aux_coef": repr(self.aux_coef),
-                "dead_tokens": str(self.dead_tokens),
+                "dead_tokens": str(self.dead_tokens), "skip": json.dumps(self.skip),
                 "hooks": json.dumps(self.meta.get("hooks", {})), "meta": json.dumps(self.meta)}
         with replaced_atomically(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
@@ -422,13 +449,14 @@ class Transcoder(nn.Module):
         model = cls(int(meta["d_in"]), int(meta["d_out"]), json.loads(meta["groups"]),
                     aux_k=int(meta.get("aux_k", 512)), aux_coef=float(meta.get("aux_coef", 1 / 32)),
                     dead_tokens=int(meta.get("dead_tokens", 100_000)), meta=json.loads(meta.get("meta", "{}")),
-                    sparsity=rule_from_spec(spec))
+                    sparsity=rule_from_spec(spec), skip=json.loads(meta.get("skip", "false")))
         model.load_file_tensors(load_file(str(path)))
         return model.to(device)
 
     def file_tensors(self) -> dict[str, Tensor]:
         """The tensors of the file layout (docs/transcoder.md), by their names in the file."""
-        return {**{name: getattr(self, name) for name in EXPORTED}, **self.sparsity.file_tensors()}
+        skip = {"W_skip": self.W_skip} if self.skip else {}
+        return {**{name: getattr(self, name) for name in EXPORTED}, **skip, **self.sparsity.file_tensors()}
 
     @torch.no_grad()
     def load_file_tensors(self, tensors: dict[str, Tensor]) -> None:

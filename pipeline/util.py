@@ -47,6 +47,14 @@ def parse_count(text: str | int) -> int:
     return value
 
 
+def short_count(n: int) -> str:
+    """100000 -> '100k', 5000000 -> '5M', 1234 -> '1234': the inverse of parse_count for round numbers."""
+    for factor, suffix in ((10 ** 9, "B"), (10 ** 6, "M"), (10 ** 3, "k")):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor}{suffix}"
+    return str(n)
+
+
 def parse_int_list(text: str | list) -> list[int]:
     """'64,128,256' -> [64, 128, 256]; a list of whole numbers as it is."""
     if isinstance(text, list):

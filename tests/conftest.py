@@ -35,9 +35,11 @@ def stop_store_creation_at(monkeypatch, array: str) -> None:
 
 def write_synthetic_store(path: str | Path, n_rows: int = 8192, d_model: int = 32, seq_len: int = 64,
                           n_features: int = 128, k_true: int = 4, vocab_size: int = 100, seed: int = 0,
-                          chunk_rows: int | None = None) -> Path:
+                          chunk_rows: int | None = None, outlier_rows: tuple[int, ...] = (),
+                          outlier_factor: float | None = None) -> Path:
     """A complete store whose rows are sparse sums of random feature directions (source) and a
-    different decoder for the same features (target). Row 0 of every sequence is BOS with a huge norm."""
+    different decoder for the same features (target). Row 0 of every sequence is BOS with a huge norm;
+    the `outlier_rows` (not BOS) get 8x their source norm."""
     rng = np.random.default_rng(seed)
     chunk_rows = chunk_rows or chunk_rows_for(seq_len, 1024)
     enc_dirs = rng.normal(size=(n_features, d_model)).astype(np.float32)
@@ -53,12 +55,14 @@ def write_synthetic_store(path: str | Path, n_rows: int = 8192, d_model: int = 3
     target = codes @ dec_dirs - 0.5
     bos = tokens == BOS_ID
     source[bos] *= 100.0
+    source[list(outlier_rows)] *= 8.0
     vocab = ["<pad>", "<eos>", "<bos>"] + [f" w{i}" for i in range(3, vocab_size)]
     writer = StoreWriter.create(path, n_rows=n_rows, d_model=d_model, chunk_rows=chunk_rows, vocab=vocab, attrs={
         "model": "synthetic", "layer": 0, "seq_len": seq_len, "dtype": "float16",
         "hooks": {"source": "blocks.0.hook_resid_mid", "target": "blocks.0.hook_mlp_out"},
         "tokenizer": {"name": "synthetic", "bos_id": BOS_ID, "vocab_size": vocab_size},
-        "dataset": {"spec": "synthetic"}, "config": {"model": "synthetic", "layer": 0, "seq_len": seq_len}})
+        "dataset": {"spec": "synthetic"}, "config": {"model": "synthetic", "layer": 0, "seq_len": seq_len}},
+        **({} if outlier_factor is None else {"outlier_factor": outlier_factor}))
     try:
         for c in writer.pending_chunks():
             a, b = c * chunk_rows, min((c + 1) * chunk_rows, n_rows)

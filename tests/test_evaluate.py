@@ -257,6 +257,27 @@ def test_row_metrics_match_brute_force(synthetic_store):
     assert sum(out["l0_per_group"]) == pytest.approx(out["l0"])
 
 
+def test_training_and_eval_count_the_same_dead_latents_on_the_same_rows(synthetic_store):
+    """One counter definition: fed eval's rows under eval's rule, training's window counter finds
+    exactly the latents eval calls dead; and training's observation leaves the rule's threshold alone
+    when the inference rule chose the latents."""
+    store = Store(synthetic_store)
+    tc = random_transcoder(store)
+    n = 2 * store.chunk_rows
+    out = row_eval.row_metrics(tc, store, rows=n, device="cpu", dense_threshold=0.5, progress=False)
+    keep = np.concatenate([store.read_chunk(c).flags == 0 for c in out["chunks"]])
+    x = torch.from_numpy(np.concatenate([store.read_chunk(c).source for c in out["chunks"]])[keep]).float()
+    y = torch.from_numpy(np.concatenate([store.read_chunk(c).target for c in out["chunks"]])[keep]).float()
+    threshold = float(tc.sparsity.threshold)
+    tc.dead_tokens = len(x)
+    tc.tokens_since_fired.zero_()
+    for a in range(0, len(x), 500):
+        tc(tc.normalize_source(x[a:a + 500]), tc.normalize_target(y[a:a + 500]), use_threshold=True,
+           update_stats=True)
+    assert float(tc.sparsity.threshold) == threshold
+    assert 0 < int(tc.dead_mask().sum()) == out["dead_features"] < tc.d_latent
+
+
 def test_variance_explained_per_group_is_what_each_group_adds(synthetic_store):
     store = Store(synthetic_store)
     tc = random_transcoder(store)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import rewrite_as_tc_0_1_transcoder, write_synthetic_store
 from pipeline.store import Store, StoreWriter
-from pipeline.train import KILL_ENV, TrainConfig, lr_at, run_train
+from pipeline.train import KILL_ENV, TrainConfig, lr_at, merge_resume, run_train
 from pipeline.transcoder import Transcoder
 from pipeline.util import UserError
 
@@ -186,6 +186,27 @@ def test_a_run_interrupted_under_tc_0_1_resumes_to_the_same_weights(synthetic_st
     a = load_file(tmp_path / "whole" / "transcoder.safetensors")
     b = load_file(tmp_path / "killed" / "transcoder.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_skip_transcoder_trains_resumes_exactly_and_is_saved(synthetic_store, tmp_path):
+    cfg = dict(skip=True, steps=16)
+    run_train(tiny(synthetic_store, tmp_path / "whole", **cfg))
+    assert run_subprocess(tiny(synthetic_store, tmp_path / "killed", **cfg), kill_at=11).returncode == -9
+    assert run_subprocess(TrainConfig(resume=str(tmp_path / "killed"))).returncode == 0
+    a = load_file(tmp_path / "whole" / "transcoder.safetensors")
+    b = load_file(tmp_path / "killed" / "transcoder.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["W_skip"].shape == (32, 32) and a["W_skip"].abs().sum() > 0   # trained away from its zero init
+    assert Transcoder.load(tmp_path / "whole" / "transcoder.safetensors").skip
+
+
+def test_a_run_saved_before_an_option_existed_resumes_doing_what_it_did(tmp_path):
+    """tc 0.1 trained on outlier rows (it had no rule) and had no skip path: a resume keeps that."""
+    saved = dataclasses.asdict(tiny("store.zarr", tmp_path))
+    for name in ("include_outliers", "skip"):
+        del saved[name]
+    merged = merge_resume(TrainConfig(resume=str(tmp_path)), saved, tmp_path, given={"resume"})
+    assert merged.include_outliers is True and merged.skip is False
 
 
 def test_resume_of_a_finished_run_changes_nothing(synthetic_store, tmp_path):
