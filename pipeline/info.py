@@ -46,7 +46,7 @@ def describe_store(path: Path) -> list[str]:
              f"text       {json.dumps(a.get('dataset'))}",
              f"layout     seq_len {s.seq_len}, {s.chunk_rows} rows per chunk, fp16 (computed in {a.get('compute_dtype')})"]
     if s.complete:
-        st = a["stats"]
+        st = s.stats()   # for a store made before the outlier rule, without its outlier rows
         lines += [f"state      complete: {s.n_rows:,} tokens in {s.n_chunks} chunks",
                   f"stats      mean norm source {st['source']['mean_norm']:,.1f}, target {st['target']['mean_norm']:,.1f} "
                   f"over {st['source']['count']:,} rows; {a.get('n_bos_rows', 0):,} BOS rows, "
@@ -63,6 +63,9 @@ def describe_store(path: Path) -> list[str]:
     return lines
 
 
+UNEXPECTED_OUTLIER_SHARE = 0.01
+
+
 def outlier_line(s: Store) -> str:
     """How many outlier rows the store has, by which rule, and whether they were found at read time."""
     rule = s.attrs.get("outlier_rule") or {"factor": OUTLIER_FACTOR}
@@ -70,8 +73,13 @@ def outlier_line(s: Store) -> str:
     when = "found at read time (store made before the rule)" if s.outliers_at_read else "flagged when cached"
     if rule["factor"] <= 0:
         return "outliers   none flagged (cached with --outlier-factor 0)"
-    return (f"outliers   {n:,} rows ({n / max(s.n_rows, 1):.3%}) with source norm > {rule['factor']:g}x their chunk's "
+    share = n / max(s.n_rows, 1)
+    line = (f"outliers   {n:,} rows ({share:.3%}) with source norm > {rule['factor']:g}x their chunk's "
             f"median, {when}; left out of statistics, and of training and samples unless --include-outliers")
+    if share > UNEXPECTED_OUTLIER_SHARE:   # measured stores have at most 0.12% (docs/store.md)
+        line += (f"\n           warning: more than {UNEXPECTED_OUTLIER_SHARE:.0%} of rows: look at them "
+                 "(bench/outliers.py), or re-cache with a higher --outlier-factor")
+    return line
 
 
 def describe_run(run: Run) -> list[str]:
@@ -83,7 +91,7 @@ def describe_run(run: Run) -> list[str]:
              f"store      {cfg.get('cache')} ({store.get('model')}, layer {store.get('layer')}, "
              f"{store.get('n_rows', 0):,} rows)",
              f"dictionary {cfg.get('dict_size'):,} latents, groups {groups}, k {cfg.get('k')}, lr {cfg.get('lr')}, "
-             f"batch {cfg.get('batch_size')}"]
+             f"batch {cfg.get('batch_size')}{', skip path (W_skip)' if cfg.get('skip') else ''}"]
     step = run.latest_step_name()
     total = cfg.get("total_steps")
     if run.finished:

@@ -34,7 +34,7 @@ from pipeline.loader import ChunkLoader
 from pipeline.metrics import Metrics, WandbLogger, read_metrics, truncate_metrics, write_plots
 from pipeline.run import TRANSCODER, Run
 from pipeline.store import Store
-from pipeline.transcoder import Transcoder, TranscoderOutput, norm_constants
+from pipeline.transcoder import ENCODER_INIT_SCALE, Transcoder, TranscoderOutput, norm_constants
 from pipeline.util import (UserError, fault_point, opt, parse_count, parse_int_list, pick_device, short_count,
                            to_jsonable, versions, write_config_toml, write_json_atomic)
 
@@ -42,7 +42,7 @@ KILL_ENV = "TC_TRAIN_KILL_AT_STEP"   # testing hook: SIGKILL this process right 
 RESUME_FREE = {"resume", "out", "cache", "device", "log_every", "checkpoint_every", "keep_checkpoints",
                "wandb_project"}
 # What a run saved before an option existed did, so that resuming it goes on doing that
-BEFORE_OPTION = {"include_outliers": True}
+BEFORE_OPTION = {"include_outliers": True, "encoder_init": 0.1, "skip": False}
 
 
 def _opt_count(text: str | int | None) -> int | None:
@@ -86,8 +86,12 @@ class TrainConfig:
                            "Dictionary", parse=_count_option("--dead-tokens"))
     aux_k: int = opt(512, "Dead latents per token used by the AuxK loss (0 turns it off).", "Dictionary")
     aux_coef: float = opt(1 / 32, "Weight of the AuxK loss.", "Dictionary")
-    skip: bool = opt(False, "Add a linear skip path (W_skip, d_out x d_in, zero at init) to every prefix's "
-                     "prediction: a skip transcoder.", "Dictionary")
+    encoder_init: float = opt(ENCODER_INIT_SCALE, "Initial norm of the encoder rows (decoder rows are unit): "
+                              "smaller starts faster but leaves more latents dead, larger keeps them alive "
+                              "(docs/benchmarks.md).", "Dictionary")
+    skip: bool = opt(True, "A linear skip path (W_skip, d_out x d_in, zero at init) in every prefix's "
+                     "prediction: a skip transcoder (measured better FVU and fewer dead latents, "
+                     "docs/benchmarks.md); --no-skip for a plain one.", "Dictionary")
     # Optimiser
     lr: float = opt(3e-4, "Peak learning rate (Adam).", "Optimiser")
     warmup_steps: int = opt(200, "Linear warmup from 0 to --lr over this many steps.", "Optimiser")
@@ -168,7 +172,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 def validate(cfg: TrainConfig) -> None:
     """Every check that needs no disk: one UserError naming the option."""
     positive = ["batch_size", "dict_size", "k", "dead_tokens", "log_every", "checkpoint_every",
-                "max_samples_per_feature", "sample_context", "top_features", "samples_per_feature"]
+                "max_samples_per_feature", "sample_context", "top_features", "samples_per_feature", "encoder_init"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
@@ -218,15 +222,16 @@ def open_store(path: str) -> Store:
     return Store(path).require_complete()
 
 
-def architecture(groups: list[int]) -> str:
-    return "matryoshka-transcoder" if len(groups) > 1 else "batchtopk-transcoder"
+def architecture(groups: list[int], skip: bool = False) -> str:
+    kind = "matryoshka" if len(groups) > 1 else "batchtopk"
+    return f"{kind}-skip-transcoder" if skip else f"{kind}-transcoder"
 
 
 def auto_run_dir(cfg: TrainConfig, store: Store) -> Path:
     model = str(store.attrs.get("model", "model")).rstrip("/").split("/")[-1]
     hooks = store.hooks
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = (f"{model}_{hooks['source']}_to_{hooks['target']}_{cfg.dict_size}_{architecture(cfg.groups)}"
+    name = (f"{model}_{hooks['source']}_to_{hooks['target']}_{cfg.dict_size}_{architecture(cfg.groups, cfg.skip)}"
             f"_{cfg.k}_{cfg.lr:g}_{stamp}")
     base = Path("checkpoints") / "transcoder" / model
     path, n = base / name, 1
@@ -301,7 +306,7 @@ def prepare(cfg: TrainConfig, given: set[str] | None = None) -> Setup:
     cfg.out = str(run.path)
     cfg.cache = str(Path(cfg.cache).resolve())
     total = total_steps(cfg, store)
-    config = {**to_jsonable(cfg), "total_steps": total, "architecture": architecture(cfg.groups),
+    config = {**to_jsonable(cfg), "total_steps": total, "architecture": architecture(cfg.groups, cfg.skip),
               "store": store_identity(store), "versions": versions(),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return Setup(cfg, run, store, config, None)
@@ -343,7 +348,8 @@ def build_model(cfg: TrainConfig, store: Store, device: torch.device) -> Transco
     meta = {"model": store.attrs.get("model"), "layer": store.attrs.get("layer"), "hooks": store.hooks,
             "store": str(Path(store.path).resolve())}
     model = Transcoder(d, d, cfg.groups, cfg.k, aux_k=cfg.aux_k, aux_coef=cfg.aux_coef,
-                       dead_tokens=cfg.dead_tokens, meta=meta, seed=cfg.seed, skip=cfg.skip)
+                       dead_tokens=cfg.dead_tokens, meta=meta, seed=cfg.seed, skip=cfg.skip,
+                       encoder_init=cfg.encoder_init)
     n = norm_constants(store.stats())
     model.set_normalization(n["source_mean"], n["source_scale"], n["target_mean"], n["target_scale"])
     return model.to(device)

@@ -28,11 +28,12 @@ Choices (also in docs/transcoder.md):
   reconstruct the DETACHED residual (y_n - full prediction).detach(); its MSE is scaled by aux_coef.
 - Decoder rows have unit norm: `project_decoder_grad()` removes each row's gradient component
   parallel to the row before the optimiser step, `normalize_decoder()` renormalises after it.
-- Init: W_dec rows random unit vectors; W_enc rows = 0.1 x W_dec rows when d_in == d_out (tied
-  init, as Gao et al., scaled down), else independent random vectors of norm 0.1; b_enc = 0,
-  b_dec = 0 (the normalised target's mean is 0). The small encoder keeps the first predictions near
-  0: with unit rows a transcoder's random first codes add noise (FVU 2-4 at step 0) and it learned
-  more slowly in our measurements.
+- Init: W_dec rows random unit vectors; W_enc rows = encoder_init (default 0.5) x W_dec rows when
+  d_in == d_out (tied init, as Gao et al., scaled down), else independent random vectors of that
+  norm; b_enc = 0, b_dec = 0 (the normalised target's mean is 0). The scale trades dead latents
+  against early FVU (bench/dead_latents.py): at 0.1 Adam's first steps rewrite the few winning rows
+  and most latents never fire (51% dead on held-out text after 300 steps); at 1.0 almost all live
+  but the random first codes cost FVU (0.314 vs 0.274); 0.5 gives 21% dead at FVU 0.285.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ from pipeline.util import UserError, replaced_atomically
 FORMAT = "tc-transcoder"
 FORMAT_VERSION = 2       # 2: the metadata names the sparsity rule ("sparsity"); version 1 files are BatchTopK
 READABLE_VERSIONS = (1, 2)
-ENCODER_INIT_SCALE = 0.1  # encoder rows start at this norm (decoder rows at 1)
+ENCODER_INIT_SCALE = 0.5  # encoder rows start at this norm (decoder rows at 1): measured, docs/benchmarks.md
 GATHER_CHUNK = 8192      # entries per chunk in the decoder backward (bounds nnz x d temporaries)
 
 
@@ -152,7 +153,7 @@ class Transcoder(nn.Module):
     def __init__(self, d_in: int, d_out: int, groups: list[int], k: int | None = None, *, aux_k: int = 512,
                  aux_coef: float = 1 / 32, dead_tokens: int = 100_000, dense: bool = False,
                  meta: dict[str, Any] | None = None, seed: int | None = None, sparsity: nn.Module | None = None,
-                 skip: bool = False):
+                 skip: bool = False, encoder_init: float = ENCODER_INIT_SCALE):
         super().__init__()
         if sum(groups) <= 0 or any(g <= 0 for g in groups):
             raise ValueError(f"groups must be positive sizes, got {groups}")
@@ -172,9 +173,9 @@ class Transcoder(nn.Module):
         else:
             w_enc = torch.randn(L, d_in, generator=gen)
             w_enc /= w_enc.norm(dim=1, keepdim=True)
-        # small first activations: the first predictions are near 0 (FVU ~1, not ~2-4 as with
-        # unit encoder rows, whose random codes add noise in the target space); measured to learn faster
-        w_enc *= ENCODER_INIT_SCALE
+        # between small first codes (0.1: fast start, but most latents never fire) and unit rows
+        # (almost all fire, but their random codes cost FVU early): measured, see the module docstring
+        w_enc *= encoder_init
         self.W_enc = nn.Parameter(w_enc)                  # (L, d_in)
         self.b_enc = nn.Parameter(torch.zeros(L))         # (L,)
         self.W_dec = nn.Parameter(w_dec)                  # (L, d_out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.demo import DemoConfig, run_demo
@@ -70,3 +71,27 @@ def test_demo_page_shows_features_with_highlighted_contexts(demo, tmp_path):
         run_chromium(page.resolve().as_uri(), tmp_path / f"profile{i}", f"--screenshot={shot}",
                      "--window-size=1400,1000")
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+REAL_DEMO = REPO / "data" / "demo"
+
+
+@pytest.mark.skipif(not (REAL_DEMO / "run" / "export" / "export.json").exists(),
+                    reason="needs the real demo's output (CI runs `tc demo` before the tests)")
+def test_the_real_demo_browser_is_not_taken_over_by_outlier_tokens():
+    """On the demo store (Gemma 3 270M layer 6), 84 rows of `’` and spaces have 5-9x the usual source
+    norm. Before the outlier rule the strongest sample of every one of the top 50 features by max
+    activation was one of just two such rows (measured on tc 0.1's demo output)."""
+    from pipeline.run import Run
+    from pipeline.samples import load_samples
+    from pipeline.store import FLAG_OUTLIER
+
+    run = Run(REAL_DEMO / "run")
+    store = run.store()
+    outliers = set(np.flatnonzero(store.flags & FLAG_OUTLIER).tolist())
+    assert outliers
+    s = load_samples(run)
+    strongest = [int(s.top_rows[f][0]) for f in np.argsort(-s.act_max)[:50] if s.top_rows[f][0] >= 0]
+    assert len(strongest) == 50
+    assert not set(strongest) & outliers
+    assert len(set(strongest)) >= 25      # many different contexts, not a handful of extreme rows

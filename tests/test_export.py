@@ -68,6 +68,32 @@ def check_contexts(records: dict[int, dict], store: Store, tc: Transcoder, exact
     return n
 
 
+def top_by_max_activation(records: dict[int, dict], n: int) -> list[dict]:
+    return sorted(records.values(), key=lambda r: -r["max_activation"])[:n]
+
+
+def test_outlier_rows_do_not_take_over_the_top_of_the_browser(tmp_path):
+    """Planted high-norm rows (1% of the store) would fill the top features by max activation;
+    excluded by default, none of the top features shows one. With --include-outliers they do."""
+    from conftest import write_synthetic_store
+
+    planted = tuple(r for r in range(3, 8192, 97) if r % 64)
+    store = write_synthetic_store(tmp_path / "o.zarr", outlier_rows=planted)
+    run = run_train(TrainConfig(cache=str(store), dict_size=128, groups=[32, 96], k=4, steps=40, batch_size=256,
+                                lr=3e-3, warmup_steps=5, sample_every=0, log_every=20, checkpoint_every=40,
+                                out=str(tmp_path / "run"), device="cpu", include_outliers=True))
+
+    def top_sample_rows(include_outliers: bool) -> list[int]:
+        run_collect(CollectConfig(run=str(run), top_n=3, intervals=2, interval_samples=1, hist_bins=4, device="cpu",
+                                  include_outliers=include_outliers, overwrite=True))
+        _, records = export_json(run, tmp_path / f"export_{include_outliers}")
+        return [s["row"] for r in top_by_max_activation(records, 10) for s in r["top"]]
+
+    assert not set(top_sample_rows(False)) & set(planted)
+    with_them = top_sample_rows(True)
+    assert sum(r in planted for r in with_them) > len(with_them) / 2   # what the default prevents
+
+
 def test_exported_contexts_match_store(trained_run, tmp_path):
     run, _ = trained_run
     index, records = export_json(run, tmp_path / "json")

@@ -121,3 +121,9 @@ def test_info_shows_the_outlier_count_and_rule(planted_store, tmp_path):
     legacy_path = write_synthetic_store(tmp_path / "old.zarr", outlier_rows=PLANTED, outlier_factor=0)
     make_legacy(legacy_path)
     assert "found at read time" in info.outlier_line(Store(legacy_path))
+
+
+def test_info_warns_when_the_rule_flags_an_unexpected_share(tmp_path):
+    many = tuple(r for r in range(1, 8192, 40) if r % 64)   # about 2.5% of rows
+    line = info.outlier_line(Store(write_synthetic_store(tmp_path / "many.zarr", outlier_rows=many)))
+    assert f"{len(many)} rows" in line and "warning: more than 1% of rows" in line

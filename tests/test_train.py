@@ -61,7 +61,7 @@ def test_schedule_warms_up_from_zero_and_ends_exactly_at_min_lr():
 def test_run_folder_metrics_checkpoints_and_final_file(synthetic_store, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = run_train(tiny(synthetic_store, None, steps=22, keep_checkpoints=2))
-    name = re.escape("synthetic_blocks.0.hook_resid_mid_to_blocks.0.hook_mlp_out_128_matryoshka-transcoder_4_0.003_")
+    name = re.escape("synthetic_blocks.0.hook_resid_mid_to_blocks.0.hook_mlp_out_128_matryoshka-skip-transcoder_4_0.003_")
     assert run.parent == Path("checkpoints/transcoder/synthetic")
     assert re.fullmatch(name + r"\d{8}-\d{6}", run.name)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -90,7 +90,7 @@ def test_default_length_is_one_pass_and_plain_batchtopk_is_named(synthetic_store
     run = run_train(cfg)
     usable = int((Store(synthetic_store).flags == 0).sum())
     assert json.loads((run / "config.json").read_text())["total_steps"] == usable // 1024
-    assert "_128_batchtopk-transcoder_4_" in run.name
+    assert "_128_batchtopk-skip-transcoder_4_" in run.name
 
 
 def test_predictions_are_in_target_units(tmp_path):
@@ -110,7 +110,7 @@ def test_predictions_are_in_target_units(tmp_path):
         w.write_chunk(c, source[s], target[s], tokens[s], np.zeros(1024, bool))
     w.finalize(n)
     w.close()
-    run = run_train(tiny(tmp_path / "s.zarr", tmp_path / "run", dict_size=64, groups=[64], steps=80, sample_every=0))
+    run = run_train(tiny(tmp_path / "s.zarr", tmp_path / "run", dict_size=64, groups=[64], steps=200, sample_every=0))
     tc = Transcoder.load(run / "transcoder.safetensors")
     x, y = torch.from_numpy(source.astype(np.float16).astype(np.float32)), torch.from_numpy(target.astype(np.float16).astype(np.float32))
     fvu = lambda pred, true: float((true - pred).pow(2).sum() / (true - true.mean(0)).pow(2).sum())  # noqa: E731
@@ -203,10 +203,10 @@ def test_a_skip_transcoder_trains_resumes_exactly_and_is_saved(synthetic_store, 
 def test_a_run_saved_before_an_option_existed_resumes_doing_what_it_did(tmp_path):
     """tc 0.1 trained on outlier rows (it had no rule) and had no skip path: a resume keeps that."""
     saved = dataclasses.asdict(tiny("store.zarr", tmp_path))
-    for name in ("include_outliers", "skip"):
+    for name in ("include_outliers", "skip", "encoder_init"):
         del saved[name]
     merged = merge_resume(TrainConfig(resume=str(tmp_path)), saved, tmp_path, given={"resume"})
-    assert merged.include_outliers is True and merged.skip is False
+    assert merged.include_outliers is True and merged.skip is False and merged.encoder_init == 0.1
 
 
 def test_resume_of_a_finished_run_changes_nothing(synthetic_store, tmp_path):
@@ -245,6 +245,7 @@ def unfinished_store(path: Path) -> Path:
     (dict(groups=[64, 64, 0]), "must be positive"),
     (dict(k=129), "larger than --dict-size"),
     (dict(batch_size=0), "--batch-size must be positive"),
+    (dict(encoder_init=0.0), "--encoder-init must be positive"),
     (dict(lr=0.0), "--lr must be a positive"),
     (dict(steps=0), "must be positive"),
     (dict(steps=10, tokens=1000), "not both"),

@@ -291,6 +291,14 @@ def test_save_load_and_plain_snippet_predict_the_same(tmp_path):
     torch.testing.assert_close(scope["predict"](x), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scope["encode"](x), m.encode(x))
     assert json.loads(scope["meta"]["groups"]) == [8, 24] and scope["meta"]["k"] == "3"
+    # a skip transcoder through the same snippet
+    with torch.no_grad():
+        m.W_skip = torch.nn.Parameter(torch.randn(12, 12))
+    m.save(path)
+    scope = {"path": str(path)}
+    exec(code, scope)
+    assert Transcoder.load(path).skip
+    torch.testing.assert_close(scope["predict"](x), m.predict(x), rtol=1e-5, atol=1e-4)
 
 
 def test_load_refuses_a_foreign_file(tmp_path):
