@@ -13,7 +13,7 @@ Choices (also in docs/transcoder.md):
 - Decoding lives in one place, `decode_prefixes`: the training loss, eval's splice and its
   per-prefix FVU all get their predictions from it (`forward`, `predict`, `predict_prefixes`);
   samples and export read activations from `encode` / `encode_rows`, the same encoder.
-- Skip path (optional, `skip=True`; Paulo, Shabalin and Belrose 2025): a dense linear map
+- Skip path (`skip=True`, `tc train`'s default; Paulo, Shabalin and Belrose 2025): a dense linear map
   W_skip (d_out, d_in), zero at init, trained with the rest; `decode_prefixes` adds W_skip x_n to
   EVERY prefix's prediction, so each prefix's latents explain what the linear map does not.
   Activations (and so samples) do not depend on it.
@@ -294,8 +294,8 @@ class Transcoder(nn.Module):
                         x_n: Tensor | None = None) -> Tensor:
         """The prediction of every Matryoshka prefix in normalised target units, (G, B, d_out):
         prefix i from latents < m_i, plus b_dec, plus the skip path W_skip x_n when the transcoder
-        has one (x_n: the (B, d_in) normalised source, needed then). (rows, cols, vals) are the active pairs sorted by
-        (group, row, latent), as `_select` gives them. Sparse (one embedding-bag per (group, row)),
+        has one (x_n: the (B, d_in) normalised source, needed then). (rows, cols, vals) are the
+        active pairs sorted by (group, row, latent), as `_select` gives them. Sparse (one embedding-bag per (group, row)),
         never B x L x d; differentiable in vals and W_dec (pass col_order = argsort(cols) then).
         prefixes=False: only the whole dictionary's prediction, (1, B, d_out), from pairs sorted by
         (row, latent) (`_select(..., by_group=False)`); a G-th of the work, for inference."""

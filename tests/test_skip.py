@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pipeline.transcoder import Transcoder
+from test_transcoder import train_in_memory
 
 GROUPS = [8, 16, 8]
 
@@ -72,16 +73,7 @@ def test_skip_transcoder_learns_a_linear_map_a_plain_one_cannot_at_this_l0():
     y = x @ torch.randn(12, 10, generator=g)             # dense linear target: k=3 latents cannot span it
     fvu = {}
     for skip in (False, True):
-        model = make(skip=skip)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for step in range(150):
-            idx = torch.randint(0, len(x), (256,), generator=g)
-            out = model(x[idx], y[idx])
-            opt.zero_grad()
-            out.loss.backward()
-            model.project_decoder_grad()
-            opt.step()
-            model.normalize_decoder()
+        model = train_in_memory(make(skip=skip), x, y, steps=400, lr=1e-2)
         model.eval()
         err = (model.predict(x) - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
         fvu[skip] = float(err)
