@@ -181,6 +181,7 @@ def test_text_running_out_gives_a_valid_smaller_store(tmp_path):
     (["--seq-len", "0"], "--seq-len must be positive"),
     (["--chunk-rows", "100"], "multiple of --seq-len"),
     (["--device", "tpu"], "unknown --device"),
+    (["--outlier-factor", "0.8"], "--outlier-factor must be 0 (flag none) or above 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     base = ["cache", "--model", "tiny", "--dataset", "python-docs", "--layer", "1", "--tokens", "1000", "--seq-len", "64"]
