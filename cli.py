@@ -159,11 +159,15 @@ _register_all()
 
 
 @app.command("info")
-def info(path: Path = typer.Argument(..., help="A store (tc cache) or a run folder (tc train).")) -> None:
+def info(path: Path = typer.Argument(..., help="A store (tc cache) or a run folder (tc train)."),
+         verify: bool = typer.Option(False, "--verify", help="Also check every chunk (store) or checkpoint and "
+                                     "transcoder (run) against its checksum; exit 2 naming what is damaged.")) -> None:
     """Describe a store or a run folder: what made it, its size, its state, its metrics at a glance."""
-    from pipeline.info import describe
+    from pipeline.info import describe, verify_report
 
     typer.echo(guarded(lambda: describe(path)))
+    if verify:
+        typer.echo(guarded(lambda: verify_report(path)))
 
 
 def main() -> int:

@@ -104,6 +104,21 @@ def prepare_output(cfg: CacheConfig) -> str:
     return "create"
 
 
+def damaged_chunks(out: Path) -> list[int]:
+    """The committed chunks of an existing store that fail their checksums: a re-run recomputes them
+    (caching is deterministic, so the repaired store equals the undamaged one bit for bit)."""
+    store = Store(out)
+    damaged = store.verify()
+    chunks = sorted({c for _, c in damaged if c is not None})
+    if any(c is None for _, c in damaged):   # statistics or vocabulary: rewritten by finalize
+        chunks = chunks or [0]
+    if damaged:
+        names = ", ".join(f"{name}" + ("" if c is None else f" chunk {c}") for name, c in damaged[:6])
+        more = f" and {len(damaged) - 6} more" if len(damaged) > 6 else ""
+        print(f"{out}: {len(damaged)} damaged ({names}{more}): recomputing {len(chunks)} chunk(s)")
+    return chunks
+
+
 def check_writable(out: Path) -> None:
     parent = out if out.exists() else out.parent
     while not parent.exists():
@@ -214,15 +229,19 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     out = cfg.resolved_out()
     check_writable(out)
     action = prepare_output(cfg)
-    if action == "done":
+    damaged = damaged_chunks(out) if action in ("done", "resume") else []
+    if action == "done" and not damaged:
         store = Store(out)
-        print(f"{out} is already complete ({store.n_rows:,} rows): nothing to do")
+        checked_note = "every chunk matches its checksum" if store.has_checksums else "made before checksums"
+        print(f"{out} is already complete ({store.n_rows:,} rows; {checked_note}): nothing to do")
         return {"store": str(out), "tokens": store.n_rows, "skipped": True}
     docs = text.iter_documents(cfg.dataset, split=cfg.split, config=cfg.dataset_config, text_column=cfg.text_column)
     device = pick_device(cfg.device)
     lm = models.load_model(cfg.model, device=device, dtype=compute_dtype(cfg, device))
     hooks = forward.check_hooks(lm, cfg.layer, [cfg.source, cfg.target])
     writer = open_writer(cfg, out, action, lm, hooks)
+    if damaged:
+        writer.uncommit(damaged)
     try:
         return write_store(cfg, writer, lm, hooks, docs)
     except UserError:
@@ -237,7 +256,7 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
 def open_writer(cfg: CacheConfig, out: Path, action: str, lm: Any, hooks: list[str]) -> StoreWriter:
     from pipeline import text
 
-    if action == "resume":
+    if action in ("resume", "done"):   # done: complete, with damaged chunks to recompute
         return StoreWriter.reopen(out)
     if out.exists():   # --overwrite of a store: take its lock first so a live writer is never clobbered
         lock = WriterLock(out)

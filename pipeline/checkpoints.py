@@ -4,11 +4,15 @@ A checkpoint is a folder RUN/checkpoints/step_XXXXXX holding the transcoder file
 config.json and state.pt (optimizer, counters, loader position, RNG, collector, metrics window).
 It is written in a temporary folder, renamed into place, and only then named by `latest`, so a
 kill at any moment leaves `latest` naming a complete checkpoint (Run.latest_checkpoint reads it).
+Its checksums.json (CRC-32 and size of each file, written last) lets a resume tell a damaged
+checkpoint from an intact one and fall back to the newest intact one (newest_intact).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,9 @@ import torch
 
 from pipeline.run import CHECKPOINT_STATE, CONFIG, TRANSCODER, Run
 from pipeline.transcoder import Transcoder
-from pipeline.util import write_file_atomic, write_json_atomic
+from pipeline.util import UserError, write_file_atomic, write_json_atomic
+
+CHECKSUMS = "checksums.json"
 
 
 def fsync_dir(path: Path) -> None:
@@ -48,6 +54,7 @@ def write_checkpoint(run: Run, step: int, model: Transcoder, state: dict[str, An
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+    write_json_atomic(tmp / CHECKSUMS, {n: file_checksum(tmp / n) for n in (TRANSCODER, CONFIG, CHECKPOINT_STATE)})
     if final.exists():   # left by a run killed after the rename; same step, same content
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -55,6 +62,51 @@ def write_checkpoint(run: Run, step: int, model: Transcoder, state: dict[str, An
     fsync_dir(root)
     prune_checkpoints(root, keep, name)
     return final
+
+
+def file_checksum(path: Path) -> dict[str, int]:
+    """CRC-32 and size of a file, read in blocks."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            crc, size = zlib.crc32(block, crc), size + len(block)
+    return {"crc32": crc, "bytes": size}
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (a missing or damaged file), or None if intact.
+    A checkpoint written before tc recorded checksums is taken as intact when its files are there."""
+    if not (path / CHECKPOINT_STATE).is_file() or not (path / TRANSCODER).is_file():
+        return "a file is missing"
+    if not (path / CHECKSUMS).is_file():
+        return None
+    try:
+        expected = json.loads((path / CHECKSUMS).read_text())
+    except (OSError, ValueError):
+        return f"{CHECKSUMS} is damaged"
+    for name, want in expected.items():
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if file_checksum(path / name) != want:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def newest_intact(run: Run) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that is intact, starting from the one `latest` names, and a line for
+    each newer one passed over because it is damaged."""
+    root = run.checkpoints_dir
+    latest = run.latest_step_name()
+    if latest is None or not root.is_dir():
+        return None, []
+    names = sorted((p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")), reverse=True)
+    skipped = []
+    for name in (n for n in names if n <= latest):
+        problem = checkpoint_problem(root / name)
+        if problem is None:
+            return root / name, skipped
+        skipped.append(f"checkpoint {name} is damaged ({problem})")
+    return None, skipped
 
 
 def prune_checkpoints(root: Path, keep: int, latest: str) -> None:
@@ -70,8 +122,12 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     """The transcoder tensors (by file name) and the state dict of a checkpoint folder."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path / TRANSCODER))
-    state = torch.load(path / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
+    try:
+        tensors = load_file(str(path / TRANSCODER))
+        state = torch.load(path / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
+    except Exception as e:   # a checkpoint made before checksums, damaged
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}): delete that folder and resume "
+                        "again to fall back to an older checkpoint") from None
     return tensors, state
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.metrics import read_metrics
-from pipeline.run import Run, is_run
+from pipeline.run import TRANSCODER, Run, is_run
 from pipeline.store import OUTLIER_FACTOR, Store, is_store
 from pipeline.util import UserError
 
@@ -24,6 +24,42 @@ def describe(path: str | Path) -> str:
     if is_run(path):
         return "\n".join(describe_run(Run(path)))
     raise UserError(f"{path} is neither a tc store nor a tc run folder")
+
+
+def verify_report(path: str | Path) -> str:
+    """One line saying all is intact; a UserError naming what is damaged and what to do otherwise."""
+    path = Path(path)
+    if is_store(path):
+        s = Store(path)
+        if not s.has_checksums:
+            return "verified   nothing to check: the store was made before tc recorded checksums"
+        damaged = s.verify()
+        if damaged:
+            what = ", ".join(name if c is None else f"chunk {c} of {name}" for name, c in damaged[:8])
+            more = f" and {len(damaged) - 8} more" if len(damaged) > 8 else ""
+            raise UserError(f"{path} is damaged: {len(damaged)} checksum mismatch(es) ({what}{more}): re-run "
+                            f"`{cache_command(s.attrs.get('config', {}))}` to recompute them")
+        return f"verified   all {len(s.committed_chunks())} written chunks and the statistics match their checksums"
+    return verify_run(Run(path))
+
+
+def verify_run(run: Run) -> str:
+    from pipeline.checkpoints import checkpoint_problem
+
+    problems = []
+    root = run.checkpoints_dir
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")) if root.is_dir() else []
+    for name in names:
+        problem = checkpoint_problem(root / name)
+        if problem:
+            problems.append(f"checkpoint {name}: {problem}")
+    if run.transcoder_file.exists() and run.transcoder_problem():
+        problems.append(f"{TRANSCODER}: does not match its checksum")
+    if problems:
+        raise UserError(f"{run.path} is damaged: {'; '.join(problems)}: `tc train --resume {run.path}` falls back "
+                        "to the newest intact checkpoint")
+    final = ", the final transcoder" if run.transcoder_file.exists() else ""
+    return f"verified   {len(names)} checkpoint(s){final}: intact"
 
 
 def cache_command(config: dict[str, Any]) -> str:

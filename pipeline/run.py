@@ -34,6 +34,7 @@ CHECKPOINT_STATE = "state.pt"
 SAMPLES_FILE = "samples.safetensors"   # in both sample folders
 COLLECT_META = "collect.json"          # written last by `tc samples collect`: marks it finished
 COLLECT_STATE = "state.safetensors"    # resumable state of an unfinished collect
+RUN_LOCK = ".tc-run.lock"              # held by the one process training or collecting in the folder
 
 
 class Run:
@@ -178,7 +179,29 @@ class Run:
         if not self.transcoder_file.exists():
             raise UserError(f"{self.path} has no final transcoder ({TRANSCODER}): finish training first "
                             f"(`tc train --resume {self.path}`)")
+        problem = self.transcoder_problem()
+        if problem:
+            raise UserError(problem)
         return Transcoder.load(self.transcoder_file).to(device).eval()
+
+    def transcoder_problem(self) -> str | None:
+        """Why the final transcoder cannot be trusted (its checksum in summary.json differs), or None."""
+        from pipeline.checkpoints import file_checksum
+
+        want = self.summary().get("transcoder_checksum") if self.finished else None
+        if want is None or file_checksum(self.transcoder_file) == want:
+            return None
+        last = self.latest_step_name()
+        fix = (f"copy {self.checkpoints_dir / last / TRANSCODER} over it (the last checkpoint holds the same "
+               "weights)") if last else "train it again"
+        return f"{self.transcoder_file} is damaged (it does not match the checksum in {SUMMARY}): {fix}"
+
+    def summary(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.summary_file.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{self.summary_file} is damaged ({type(e).__name__}): it marks the run finished; "
+                            "resume the run with `tc train --resume` after moving it away") from None
 
 
 def is_run(path: str | Path) -> bool:

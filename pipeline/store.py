@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.util import UserError, fault_point, versions
+from pipeline.util import FolderLock, UserError, fault_point, versions
 
 SCHEMA = "tc-store"
 SCHEMA_VERSION = 1
@@ -30,8 +30,14 @@ OUTLIER_FACTOR = 2.5   # measured: bench/outliers.py, docs/store.md ("Outlier ro
 OUTLIER_RULE = "source_norm_over_chunk_median"
 FP16_MAX = 65504.0
 DEFAULT_CHUNK_ROWS = 4096   # measured fastest for random whole-chunk reads (design brief)
-CHUNKED_ARRAYS = ("source", "target", "tokens", "flags", "chunk_stats", "chunk_norms", "chunk_meta")
+CHUNKED_ARRAYS = ("source", "target", "tokens", "flags", "chunk_stats", "chunk_norms", "chunk_crc", "chunk_meta")
 META_COLUMNS = ["committed", "rows", "stat_rows", "overflow_source", "overflow_target", "overflow_rows"]
+# One CRC-32 per chunk of each of these arrays (in this order), in `chunk_crc`, written just before
+# the commit; the whole-store arrays written at finalize get one each, in the `array_crc` attribute.
+CRC_ARRAYS = ("source", "target", "tokens", "flags", "chunk_stats", "chunk_norms", "chunk_meta")
+WHOLE_ARRAYS = ("stats/source_mean", "stats/source_var", "stats/target_mean", "stats/target_var",
+                "vocab/offsets", "vocab/bytes")
+CHECKSUM = "crc32 of each chunk's values, little-endian, rows written only"
 LOCK_NAME = ".tc-writer.lock"
 
 
@@ -64,6 +70,18 @@ def chunk_rows_for(seq_len: int, target: int = DEFAULT_CHUNK_ROWS) -> int:
     return max(1, round(target / seq_len)) * seq_len
 
 
+def crc32(values: np.ndarray) -> int:
+    """The checksum of an array's values: CRC-32 of their little-endian bytes (zlib: about 4 GB/s)."""
+    a = np.ascontiguousarray(values)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return zlib.crc32(a.data)
+
+
+class DamagedStore(UserError):
+    """A chunk or array whose bytes no longer match the checksum written with them."""
+
+
 @dataclass
 class Rows:
     """A contiguous block of store rows, starting at row `start`."""
@@ -93,51 +111,11 @@ def creation_interrupted(path: str | Path) -> bool:
 
 # ----------------------------------------------------------------------------- writing
 
-class WriterLock:
-    """One writer per store: a lock file holding host and pid; a dead holder's lock is taken over."""
+class WriterLock(FolderLock):
+    """One writer per store (see util.FolderLock)."""
 
     def __init__(self, path: Path):
-        self.file = path / LOCK_NAME
-        self.held = False
-
-    def acquire(self) -> None:
-        for _ in range(2):
-            try:
-                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if self._holder_alive():
-                    raise UserError(f"{self.file.parent} is being written by another tc process "
-                                    f"({self.file.read_text().strip()}): wait for it or stop it first")
-                self.file.unlink(missing_ok=True)   # stale: its writer was killed
-                continue
-            os.close(fd)
-            self.write()
-            self.held = True
-            return
-        raise UserError(f"could not take the writer lock {self.file}: remove it if no tc process is writing")
-
-    def write(self) -> None:
-        self.file.write_text(f"{socket.gethostname()} {os.getpid()}")
-
-    def _holder_alive(self) -> bool:
-        try:
-            host, pid = self.file.read_text().split()
-        except (OSError, ValueError):
-            return False
-        if host != socket.gethostname():
-            return True   # another machine's writer: we cannot tell, so assume alive
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-    def release(self) -> None:
-        if self.held:
-            self.file.unlink(missing_ok=True)
-            self.held = False
+        super().__init__(Path(path), LOCK_NAME)
 
 
 class StoreWriter:
@@ -152,7 +130,9 @@ class StoreWriter:
         self.n_chunks = int(group["chunk_meta"].shape[0])
         # a store begun before the outlier rule stays without it, so all its chunks agree
         self.outlier_factor = float(group.attrs.get("outlier_rule", {}).get("factor", 0.0))
-        self.arrays = {name: group[name] for name in CHUNKED_ARRAYS}
+        # a store begun before checksums has no chunk_crc: it stays without, like the outlier rule
+        self.arrays = {name: group[name] for name in CHUNKED_ARRAYS if name in group}
+        self.checksums = "chunk_crc" in self.arrays
         self.folders = {name: chunk_folder(a) for name, a in self.arrays.items()}
 
     @classmethod
@@ -171,7 +151,8 @@ class StoreWriter:
                 **attrs, "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "versions": versions(),
                 "d_model": d_model, "chunk_rows": chunk_rows, "n_rows_planned": n_rows, "n_rows": 0,
                 "complete": False, "flags": {"bos": FLAG_BOS, "overflow": FLAG_OVERFLOW, "outlier": FLAG_OUTLIER},
-                "outlier_rule": {"rule": OUTLIER_RULE, "factor": float(outlier_factor)}})
+                "outlier_rule": {"rule": OUTLIER_RULE, "factor": float(outlier_factor)},
+                "checksum": {"rule": CHECKSUM, "arrays": list(CRC_ARRAYS)}})
             lock.write()
             n_chunks = -(-n_rows // chunk_rows)
             # fp16 activations barely compress (zstd 1.08x) and reads get 2-4x slower: raw by default
@@ -188,6 +169,8 @@ class StoreWriter:
                                dtype="float64", fill_value=0, compressors=None)
             group.create_array("chunk_norms", shape=(n_chunks, 2), chunks=(1, 2), dtype="float64", fill_value=0,
                                compressors=None)
+            group.create_array("chunk_crc", shape=(n_chunks, len(CRC_ARRAYS)), chunks=(1, len(CRC_ARRAYS)),
+                               dtype="uint32", fill_value=0, compressors=None)
             if vocab is not None:
                 write_vocab(group, vocab)
             # last: its presence is what makes the folder a store (is_store)
@@ -228,16 +211,24 @@ class StoreWriter:
         # statistics of what is stored (the fp16 values), so a reader can recompute them exactly
         src_sum, src_sq, src_norm = chunk_sums(src16[keep])
         tgt_sum, tgt_sq, tgt_norm = chunk_sums(tgt16[keep])
-        self._put("source", c, src16)
-        self._put("target", c, tgt16)
-        self._put("tokens", c, tokens.astype(np.int32))
-        self._put("flags", c, flags)
-        self._put("chunk_stats", c, np.stack([src_sum, src_sq, tgt_sum, tgt_sq])[None])
-        self._put("chunk_norms", c, np.array([[src_norm, tgt_norm]]))
-        fault_point("chunk_before_commit")
         meta = [1, n, int(keep.sum()), int(src_over.sum()), int(tgt_over.sum()), int((src_over | tgt_over).sum())]
-        self._put("chunk_meta", c, np.array([meta], dtype=np.int64))   # the commit: written last
+        values = {"source": src16, "target": tgt16, "tokens": tokens.astype(np.int32), "flags": flags,
+                  "chunk_stats": np.stack([src_sum, src_sq, tgt_sum, tgt_sq])[None],
+                  "chunk_norms": np.array([[src_norm, tgt_norm]]), "chunk_meta": np.array([meta], dtype=np.int64)}
+        for name in CRC_ARRAYS[:-1]:
+            self._put(name, c, values[name])
+        if self.checksums:   # checksums of everything, the commit row's too, just before the commit
+            self._put("chunk_crc", c, np.array([[crc32(values[k]) for k in CRC_ARRAYS]], dtype=np.uint32))
+        fault_point("chunk_before_commit")
+        self._put("chunk_meta", c, values["chunk_meta"])   # the commit: written last
         fault_point("chunk_committed")
+
+    def uncommit(self, chunks: list[int]) -> None:
+        """Mark chunks to be written again (damaged ones): the store is unfinished until they are."""
+        if self.group.attrs.get("complete"):
+            self.group.update_attributes({"complete": False})
+        for c in chunks:
+            self._put("chunk_meta", c, np.zeros((1, len(META_COLUMNS)), dtype=np.int64))
 
     def _put(self, name: str, c: int, value: np.ndarray) -> None:
         """`value` (at most one chunk of rows) as chunk c of array `name`."""
@@ -264,15 +255,16 @@ class StoreWriter:
         """Shrink to the rows written (text may run out early), aggregate statistics, write the
         vocabulary if given, mark complete."""
         g = self.group
+        whole: dict[str, np.ndarray] = {}
         if vocab is not None:
-            write_vocab(g, vocab)
+            whole.update(write_vocab(g, vocab))
         n_chunks = -(-n_rows // self.chunk_rows)
         meta = g["chunk_meta"][:n_chunks]
         if n_chunks and not meta[:, 0].all():
             missing = np.flatnonzero(meta[:, 0] == 0).tolist()
             raise RuntimeError(f"cannot finalize: chunks {missing[:5]} are not committed")
         # each array on its own: a run killed part-way through the resizes finishes them on resume
-        for name in CHUNKED_ARRAYS:
+        for name in self.arrays:
             length = n_chunks if name.startswith("chunk_") else n_rows
             if g[name].shape[0] != length:
                 g[name].resize((length, *g[name].shape[1:]))
@@ -282,12 +274,17 @@ class StoreWriter:
             for key in ("mean", "var"):
                 arr = stats[side].pop(key)
                 sg.create_array(f"{side}_{key}", shape=arr.shape, dtype="float64", overwrite=True)[:] = arr
+                whole[f"stats/{side}_{key}"] = arr
         overflow = {"source": int(meta[:, 3].sum()), "target": int(meta[:, 4].sum()), "rows": int(meta[:, 5].sum())}
         flags = g["flags"][:n_rows]
         summary = {"n_rows": n_rows, "complete": True, "stats": stats, "overflow": overflow,
                    "n_bos_rows": int(np.count_nonzero(flags & FLAG_BOS))}
         if "outlier_rule" in g.attrs:
             summary["n_outlier_rows"] = int(np.count_nonzero(flags & FLAG_OUTLIER))
+        if self.checksums:
+            if "vocab" in g and "vocab/offsets" not in whole:   # written at creation: read it back
+                whole.update({k: g[k][:] for k in ("vocab/offsets", "vocab/bytes")})
+            summary["array_crc"] = {k: crc32(v) for k, v in whole.items()}
         fault_point("finalize_before_mark")
         # one write of zarr.json: `attrs.update` would write it once per key, and a kill between
         # "complete" and the keys after it left a store that claimed to be complete without them
@@ -368,44 +365,167 @@ def aggregate_stats(chunk_stats: np.ndarray, chunk_norms: np.ndarray, meta: np.n
     return out
 
 
-def write_vocab(group: zarr.Group, vocab: list[str]) -> None:
-    """Token strings as UTF-8 bytes plus offsets, so samples decode without the tokenizer."""
+def write_vocab(group: zarr.Group, vocab: list[str]) -> dict[str, np.ndarray]:
+    """Token strings as UTF-8 bytes plus offsets, so samples decode without the tokenizer.
+    Returns the arrays written, by name."""
     encoded = [t.encode("utf-8", "replace") for t in vocab]
     offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(b) for b in encoded])
     blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
     vg = group.require_group("vocab")
     vg.create_array("offsets", shape=offsets.shape, dtype="int64", overwrite=True)[:] = offsets
-    vg.create_array("bytes", shape=(max(len(blob), 1),), dtype="uint8", overwrite=True)[:len(blob)] = blob
+    padded = np.zeros(max(len(blob), 1), dtype=np.uint8)
+    padded[:len(blob)] = blob
+    vg.create_array("bytes", shape=padded.shape, dtype="uint8", overwrite=True)[:] = padded
+    return {"vocab/offsets": offsets, "vocab/bytes": padded}
 
 
 # ----------------------------------------------------------------------------- reading
 
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: " + " ".join(str(e).split())[:200]
+
+
+def open_group_checked(path: str) -> zarr.Group:
+    try:
+        return zarr.open_group(path, mode="r")
+    except Exception as e:   # a truncated or garbled zarr.json
+        raise UserError(f"{path} is damaged: its zarr.json cannot be read ({_one_line(e)}): re-create the "
+                        "store (`tc cache ... --overwrite`)") from None
+
+
+def _whole_number(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def check_attrs(path: str, attrs: dict[str, Any]) -> None:
+    """The attributes every stage relies on, with the types and ranges they must have."""
+    need = {"d_model": 1, "seq_len": 2, "chunk_rows": 1, "n_rows_planned": 0}
+    if attrs.get("complete"):
+        need["n_rows"] = 1
+    for key, low in need.items():
+        if not _whole_number(attrs.get(key), low):
+            raise UserError(f"{path} is damaged: its attribute {key} is {attrs.get(key)!r}, not a whole number of "
+                            f"at least {low}: re-create the store (`tc cache ... --overwrite`)")
+    if attrs["chunk_rows"] % attrs["seq_len"]:
+        raise UserError(f"{path} is damaged: chunk_rows {attrs['chunk_rows']} is not a multiple of seq_len "
+                        f"{attrs['seq_len']}: re-create the store (`tc cache ... --overwrite`)")
+    hooks = attrs.get("hooks")
+    if not (isinstance(hooks, dict) and all(isinstance(hooks.get(k), str) for k in ("source", "target"))):
+        raise UserError(f"{path} is damaged: its attribute hooks is {hooks!r}, not the source and target hook "
+                        "names: re-create the store (`tc cache ... --overwrite`)")
+
+
 class Store:
-    """Read access to a store. Everything another stage needs goes through here."""
+    """Read access to a store. Everything another stage needs goes through here.
+
+    Opening checks the layout (attributes, arrays, shapes) and says in one line what is wrong;
+    every chunk read is checked against the checksum written with it (DamagedStore if not)."""
 
     def __init__(self, path: str | Path):
         self.path = str(path)
         if not is_store(path):
             raise UserError(f"{path} is not a tc activation store: make one with `tc cache --out {path}`")
-        self.group = zarr.open_group(self.path, mode="r")
+        self.group = open_group_checked(self.path)
         self.attrs: dict[str, Any] = self.group.attrs.asdict()
         if self.attrs.get("schema") != SCHEMA or self.attrs.get("schema_version") != SCHEMA_VERSION:
             raise UserError(f"{path} has store schema {self.attrs.get('schema')}/{self.attrs.get('schema_version')}, "
                             f"this tc reads {SCHEMA}/{SCHEMA_VERSION}: re-run `tc cache`")
+        check_attrs(self.path, self.attrs)
         self.d_model = int(self.attrs["d_model"])
         self.seq_len = int(self.attrs["seq_len"])
         self.chunk_rows = int(self.attrs["chunk_rows"])
         self.complete = bool(self.attrs.get("complete"))
-        self.source = self.group["source"]
-        self.target = self.group["target"]
+        self.source = self._array("source")
+        self.target = self._array("target")
         self.n_rows = int(self.attrs["n_rows"]) if self.complete else int(self.source.shape[0])
         self.n_chunks = -(-self.n_rows // self.chunk_rows)
+        self._check_arrays()
+        self.has_checksums = "chunk_crc" in self.group
+        self._crc: np.ndarray | None = None
         self._tokens: np.ndarray | None = None
         self._flags: np.ndarray | None = None
         self._stats: dict[str, dict[str, Any]] | None = None
         # stores made before the outlier rule get its bits at read time (one pass over source)
         self.outliers_at_read = self.complete and "outlier_rule" not in self.attrs
+
+    def _array(self, name: str) -> zarr.Array:
+        try:
+            return self.group[name]
+        except Exception as e:   # missing, or its zarr.json is damaged
+            raise UserError(f"{self.path} is damaged: its array {name!r} is missing or unreadable "
+                            f"({_one_line(e)}): re-create the store (`tc cache ... --overwrite`)") from None
+
+    def _check_arrays(self) -> None:
+        rows = self.source.shape[0]
+        expect = {"source": (rows, self.d_model), "target": (rows, self.d_model), "tokens": (rows,),
+                  "flags": (rows,)}
+        for name, shape in expect.items():
+            arr = self._array(name)
+            if arr.shape != shape or arr.chunks[0] != self.chunk_rows:
+                raise UserError(f"{self.path} is damaged: array {name!r} has shape {arr.shape} in chunks of "
+                                f"{arr.chunks[0]} rows, but the store's attributes say {shape} in chunks of "
+                                f"{self.chunk_rows}: re-create the store (`tc cache ... --overwrite`)")
+        if self.n_rows > rows:
+            raise UserError(f"{self.path} is damaged: its attributes say {self.n_rows:,} rows but its arrays hold "
+                            f"{rows:,}: re-create the store (`tc cache ... --overwrite`)")
+        meta = self._array("chunk_meta")
+        if meta.shape[0] < self.n_chunks or meta.shape[1:] != (len(META_COLUMNS),):
+            raise UserError(f"{self.path} is damaged: chunk_meta has shape {meta.shape} for {self.n_chunks} chunks")
+        if self.complete and "stats" not in self.group:
+            raise UserError(f"{self.path} is damaged: it is marked complete but has no statistics: re-run the "
+                            "same `tc cache` command")
+
+    # -- checked reads
+
+    @property
+    def crc(self) -> np.ndarray | None:
+        """(n_chunks, len(CRC_ARRAYS)) uint32 checksums, None for a store made before them."""
+        if self._crc is None and self.has_checksums:
+            self._crc = self._read("chunk_crc", 0, self.n_chunks)
+        return self._crc
+
+    def damage(self, name: str, c: int | None = None) -> DamagedStore:
+        where = f"array {name}" if c is None else f"chunk {c} of {name} (rows {c * self.chunk_rows:,}-" \
+                                                  f"{min((c + 1) * self.chunk_rows, self.n_rows) - 1:,})"
+        return DamagedStore(f"{self.path} is damaged: {where} does not match the checksum written with it: "
+                            "re-run the `tc cache` command that made the store to recompute what is damaged "
+                            f"(`tc info --verify {self.path}` checks every chunk)")
+
+    def _read(self, name: str, start: int, stop: int, c: int | None = None) -> np.ndarray:
+        """Rows start..stop of an array; a chunk that cannot be decoded is damage, not a traceback."""
+        try:
+            return self.group[name][start:stop]
+        except Exception as e:
+            if isinstance(e, UserError):
+                raise
+            raise self.damage(name, c if c is not None else start // self.chunk_rows) from None
+
+    def _checked(self, name: str, c: int, values: np.ndarray) -> np.ndarray:
+        crc = self.crc
+        if crc is not None and crc32(values) != int(crc[c, CRC_ARRAYS.index(name)]):
+            raise self.damage(name, c)
+        return values
+
+    def _chunk(self, name: str, c: int) -> np.ndarray:
+        a, b = self.chunk_range(c)
+        return self._checked(name, c, self._read(name, a, b, c))
+
+    def _whole_rows(self, name: str) -> np.ndarray:
+        """A per-row array (tokens, flags) in full, every chunk of it checked."""
+        values = self._read(name, 0, self.n_rows)
+        if self.crc is not None:
+            for c in range(self.n_chunks):
+                self._checked(name, c, values[slice(*self.chunk_range(c))])
+        return values
+
+    def _whole(self, name: str) -> np.ndarray:
+        """A whole-store array written at finalize (statistics, vocabulary), checked."""
+        values = self._read(name, 0, None)
+        expected = self.attrs.get("array_crc", {}).get(name)
+        if expected is not None and crc32(values) != int(expected):
+            raise self.damage(name)
+        return values
 
     def require_complete(self) -> "Store":
         if not self.complete:
@@ -417,18 +537,27 @@ class Store:
     def chunk_range(self, c: int) -> tuple[int, int]:
         return c * self.chunk_rows, min((c + 1) * self.chunk_rows, self.n_rows)
 
-    def read_rows(self, start: int, stop: int) -> Rows:
-        return Rows(start, self.source[start:stop], self.target[start:stop],
-                    self.tokens[start:stop], self.flags[start:stop])
-
     def read_chunk(self, c: int) -> Rows:
-        return self.read_rows(*self.chunk_range(c))
+        """Chunk c's rows, source and target checked against their checksums."""
+        a, b = self.chunk_range(c)
+        return Rows(a, self._chunk("source", c), self._chunk("target", c), self.tokens[a:b], self.flags[a:b])
+
+    def read_rows(self, start: int, stop: int) -> Rows:
+        """Rows start..stop, read as the whole chunks that hold them (so every byte is checked)."""
+        first, last = start // self.chunk_rows, -(-stop // self.chunk_rows)
+        parts = [self.read_chunk(c) for c in range(first, last)]
+        lo, hi = start - first * self.chunk_rows, stop - first * self.chunk_rows
+        if len(parts) == 1:
+            p = parts[0]
+            return Rows(start, p.source[lo:hi], p.target[lo:hi], p.tokens[lo:hi], p.flags[lo:hi])
+        return Rows(start, np.concatenate([p.source for p in parts])[lo:hi],
+                    np.concatenate([p.target for p in parts])[lo:hi], self.tokens[start:stop], self.flags[start:stop])
 
     @property
     def tokens(self) -> np.ndarray:
         """All token ids (int32, one per row): small enough to hold in memory."""
         if self._tokens is None:
-            self._tokens = self.group["tokens"][: self.n_rows]
+            self._tokens = self._whole_rows("tokens")
         return self._tokens
 
     @property
@@ -438,7 +567,7 @@ class Store:
             if self.outliers_at_read:
                 self._apply_outlier_rule()
             else:
-                self._flags = self.group["flags"][: self.n_rows]
+                self._flags = self._whole_rows("flags")
         return self._flags
 
     @property
@@ -462,8 +591,8 @@ class Store:
         out = {}
         for side in ("source", "target"):
             out[side] = dict(self.attrs["stats"][side])
-            out[side]["mean"] = self.group[f"stats/{side}_mean"][:]
-            out[side]["var"] = self.group[f"stats/{side}_var"][:]
+            out[side]["mean"] = self._whole(f"stats/{side}_mean")
+            out[side]["var"] = self._whole(f"stats/{side}_var")
         return out
 
     def _apply_outlier_rule(self) -> None:
@@ -471,13 +600,13 @@ class Store:
         chunk by chunk) and take their sums out of the stored per-chunk statistics."""
         from tqdm import tqdm
 
-        flags = self.group["flags"][: self.n_rows]
+        flags = self._whole_rows("flags")
         chunk_stats, chunk_norms = self.group["chunk_stats"][:], self.group["chunk_norms"][:]
         meta = self.group["chunk_meta"][: self.n_chunks].copy()
         for c in tqdm(range(self.n_chunks), desc="flagging outlier rows (store made before the rule)",
                       disable=self.n_chunks < 16, leave=False):
             a, b = self.chunk_range(c)
-            new = outlier_mask(self.source[a:b], flags[a:b]) & ((flags[a:b] & FLAG_OUTLIER) == 0)
+            new = outlier_mask(self._chunk("source", c), flags[a:b]) & ((flags[a:b] & FLAG_OUTLIER) == 0)
             if not new.any():
                 continue
             rows = a + np.flatnonzero(new)
@@ -491,10 +620,55 @@ class Store:
         self._stats = aggregate_stats(chunk_stats, chunk_norms, meta)
         self._flags = flags
 
+    def verify(self, progress: bool = True) -> list[tuple[str, int | None]]:
+        """Check every committed chunk of every checksummed array, and the whole-store arrays, against
+        their checksums: the damaged ones as (array, chunk), chunk None for a whole array. A store
+        made before checksums has nothing to check against (has_checksums is False): []."""
+        from tqdm import tqdm
+
+        if not self.has_checksums:
+            return []
+        committed = self.committed_chunks()
+        damaged: list[tuple[str, int | None]] = []
+        for c in tqdm(committed, desc=f"verify {Path(self.path).name}", unit="chunk", disable=not progress,
+                      leave=False):
+            damaged += [(name, int(c)) for name in self.verify_chunk(int(c))]
+        for name in self.attrs.get("array_crc", {}) if self.complete else ():
+            try:
+                self._whole(name)
+            except DamagedStore:
+                damaged.append((name, None))
+        return damaged
+
+    def committed_chunks(self) -> list[int]:
+        meta = self._read("chunk_meta", 0, self.n_chunks)
+        return [int(c) for c in np.flatnonzero(meta[:, 0] != 0)]
+
+    def verify_chunk(self, c: int) -> list[str]:
+        """The arrays whose chunk c does not match its checksum (all of them are read)."""
+        crc = self.crc[c]
+        bad = []
+        try:
+            meta = self._read("chunk_meta", c, c + 1)
+        except DamagedStore:
+            return ["chunk_meta"]
+        if crc32(meta) != int(crc[CRC_ARRAYS.index("chunk_meta")]):
+            return ["chunk_meta"]   # its row count cannot be trusted: the chunk is rewritten whole anyway
+        start, n = c * self.chunk_rows, int(meta[0, 1])
+        for i, name in enumerate(CRC_ARRAYS[:-1]):
+            a, b = (c, c + 1) if name.startswith("chunk_") else (start, start + n)
+            try:
+                ok = crc32(self._read(name, a, b, c)) == int(crc[i])
+            except DamagedStore:
+                ok = False
+            if not ok:
+                bad.append(name)
+        return bad
+
     def vocab(self) -> list[str]:
         """Token id -> token text, as stored at cache time."""
-        offsets = self.group["vocab/offsets"][:]
-        blob = self.group["vocab/bytes"][:].tobytes()
+        offsets = self._whole("vocab/offsets")
+        blob = self._whole("vocab/bytes").tobytes()
         return [blob[offsets[i]:offsets[i + 1]].decode("utf-8", "replace") for i in range(len(offsets) - 1)]
 
     def sequence_start(self, row: int) -> int:

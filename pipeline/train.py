@@ -27,15 +27,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.checkpoints import checkpoint_meta, read_checkpoint, rng_state, set_rng_state, write_checkpoint
+from pipeline.checkpoints import (checkpoint_meta, file_checksum, newest_intact, read_checkpoint, rng_state,
+                                  set_rng_state, write_checkpoint)
 from pipeline.collector import SampleSettings, make_collector
 from pipeline.config import checked
 from pipeline.loader import ChunkLoader
 from pipeline.metrics import Metrics, WandbLogger, read_metrics, truncate_metrics, write_plots
-from pipeline.run import TRANSCODER, Run
+from pipeline.run import RUN_LOCK, TRANSCODER, Run
 from pipeline.store import Store
 from pipeline.transcoder import ENCODER_INIT_SCALE, Transcoder, TranscoderOutput, norm_constants
-from pipeline.util import (UserError, fault_point, opt, parse_count, parse_int_list, pick_device, short_count,
+from pipeline.util import (FolderLock, UserError, fault_point, opt, parse_count, parse_int_list, pick_device, short_count,
                            to_jsonable, versions, write_config_toml, write_json_atomic)
 
 KILL_ENV = "TC_TRAIN_KILL_AT_STEP"   # testing hook: SIGKILL this process right after that step
@@ -290,6 +291,7 @@ class Setup:
     store: Store
     config: dict[str, Any]      # what config.json holds
     checkpoint: Path | None     # resume from here
+    notes: list[str] = dataclasses.field(default_factory=list)   # damaged checkpoints passed over
 
 
 def prepare(cfg: TrainConfig, given: set[str] | None = None) -> Setup:
@@ -301,10 +303,11 @@ def prepare(cfg: TrainConfig, given: set[str] | None = None) -> Setup:
     validate(cfg)
     store = open_store(cfg.cache)
     run = Run(cfg.out) if cfg.out else Run(auto_run_dir(cfg, store))
-    if run.path.exists() and (not run.path.is_dir() or any(run.path.iterdir())):
+    if run.path.exists() and (not run.path.is_dir() or any(p.name != RUN_LOCK for p in run.path.iterdir())):
         raise UserError(f"--out {run.path} exists and is not empty: pick a new folder, or --resume {run.path}")
     cfg.out = str(run.path)
     cfg.cache = str(Path(cfg.cache).resolve())
+    check_batch_fits(cfg, store)
     total = total_steps(cfg, store)
     config = {**to_jsonable(cfg), "total_steps": total, "architecture": architecture(cfg.groups, cfg.skip),
               "store": store_identity(store), "versions": versions(),
@@ -323,13 +326,24 @@ def prepare_resume(cfg: TrainConfig, given: set[str] | None) -> Setup:
     validate(cfg)
     store = open_store(cfg.cache)
     check_store_matches(store, saved.get("store", {}), run.path)
-    checkpoint = run.latest_checkpoint()
+    checkpoint, notes = newest_intact(run)
+    if notes:
+        fallback = f"resuming from {checkpoint.name} instead" if checkpoint else "starting again from step 0"
+        notes = [f"{note}: {fallback}" for note in notes]
     if checkpoint is not None:
         d_in = int(checkpoint_meta(checkpoint)["d_in"])
         if d_in != store.d_model:
             raise UserError(f"store {store.path} has d_model {store.d_model} but the checkpoint "
                             f"{checkpoint} has d_in {d_in}: resume with the run's store")
-    return Setup(cfg, run, store, saved, checkpoint)
+    return Setup(cfg, run, store, saved, checkpoint, notes)
+
+
+def check_batch_fits(cfg: TrainConfig, store: Store) -> None:
+    """A batch larger than the store's usable rows would repeat every row within one step."""
+    usable = store.n_usable(cfg.include_bos, cfg.include_outliers)
+    if cfg.batch_size > usable:
+        raise UserError(f"--batch-size {cfg.batch_size:,} is larger than the {usable:,} usable rows of "
+                        f"{store.path}: every row would repeat within a step; lower --batch-size or cache more text")
 
 
 def total_steps(cfg: TrainConfig, store: Store) -> int:
@@ -392,12 +406,21 @@ def run_train(cfg: TrainConfig, given: set[str] | None = None,
     """Train (or resume) a transcoder; returns the run folder. `given`: the options the user typed
     (see merge_resume); `collector_factory` makes the feature-sample collector (sampling on)."""
     setup = prepare(cfg, given)
-    cfg, run, store = setup.cfg, setup.run, setup.store
+    cfg, run = setup.cfg, setup.run
     if cfg.resume is not None and run.finished:
         print(f"run {run.path} has finished already: nothing to do")
         return run.path
     device = torch.device(pick_device(cfg.device))
+    run.path.mkdir(parents=True, exist_ok=True)
+    with FolderLock(run.path, RUN_LOCK):   # one process per run folder; a dead one's lock is taken over
+        return train_locked(setup, device, collector_factory)
+
+
+def train_locked(setup: Setup, device: torch.device, collector_factory: CollectorFactory) -> Path:
+    cfg, run, store = setup.cfg, setup.run, setup.store
     total = int(setup.config["total_steps"])
+    for note in setup.notes:
+        print(note, flush=True)
     start_run_folder(setup)
     verb = "resuming" if setup.checkpoint is not None else "training"
     print(f"{verb} {run.path} ({total:,} steps of {cfg.batch_size:,} tokens); "
@@ -447,11 +470,15 @@ def train_loop(setup: Setup, model: Transcoder, optimizer: torch.optim.Optimizer
                 collector.observe(step, out, batch.rows)
             if step % cfg.log_every == 0 or step == total:
                 row = metrics.flush(step, cfg.batch_size, lr, model)
+                if not math.isfinite(row["loss"]):
+                    raise diverged(setup.run, step, f"the loss is {row['loss']}")
                 bar.set_postfix({"loss": f"{row['loss']:.4g}", "fvu": f"{row['fvu']:.3f}", "l0": f"{row['l0']:.1f}",
                                  f"dead/{short_count(cfg.dead_tokens)}": row["dead_features"]})
                 if wandb:
                     wandb.log(row)
             if step % cfg.checkpoint_every == 0 or step == total:
+                if not model.is_finite():   # a NaN/inf weight is never saved, so a resume never loads one
+                    raise diverged(setup.run, step, "a weight is NaN or inf")
                 state = checkpoint_state(step, total, loader, optimizer, model, metrics, collector)
                 write_checkpoint(setup.run, step, model, state, setup.config, cfg.keep_checkpoints)
             bar.update(1)
@@ -459,6 +486,15 @@ def train_loop(setup: Setup, model: Transcoder, optimizer: torch.optim.Optimizer
                 os.kill(os.getpid(), signal.SIGKILL)
     finally:
         bar.close()
+
+
+def diverged(run: Run, step: int | None, what: str) -> UserError:
+    last = run.latest_step_name()
+    saved = f"the last checkpoint ({last}) is intact" if last else "no checkpoint was written"
+    when = f"at step {step:,}" if step is not None else "at the end"
+    return UserError(f"training of {run.path} stopped {when}: {what}; nothing from this step on was "
+                     f"saved and the run is not finished ({saved}); try a lower --lr in a new run, and check the "
+                     f"store with `tc info --verify STORE`")
 
 
 def checkpoint_state(step: int, total: int, loader: ChunkLoader, optimizer: torch.optim.Optimizer,
@@ -491,6 +527,8 @@ def restore(path: Path, model: Transcoder, optimizer: torch.optim.Optimizer, met
 
 def finish(run: Run, model: Transcoder, store: Store, collector: Collector | None, metrics: Metrics) -> None:
     """Final transcoder, plots, samples; summary.json last (marks the run finished)."""
+    if not model.is_finite():
+        raise diverged(run, None, "a weight is NaN or inf")
     model.save(run.transcoder_file)
     rows = read_metrics(metrics.path)
     write_plots(run.plots_dir, rows, run.path.name)
@@ -502,4 +540,5 @@ def finish(run: Run, model: Transcoder, store: Store, collector: Collector | Non
         "fvu_levels": last.get("fvu_levels"), "l0": last.get("l0"), "dead_features": last.get("dead_features"),
         "dead_fraction": last.get("dead_fraction"), "dead_window_tokens": model.dead_tokens,
         **model.sparsity.summary(),
-        "transcoder": TRANSCODER, "versions": versions()})
+        "transcoder": TRANSCODER, "transcoder_checksum": file_checksum(run.transcoder_file),
+        "versions": versions()})

@@ -371,6 +371,11 @@ class Transcoder(nn.Module):
             self.W_dec.grad -= (self.W_dec.grad * w).sum(-1, keepdim=True) * w
 
     @torch.no_grad()
+    def is_finite(self) -> bool:
+        """No NaN or inf in any weight (one reduction per tensor)."""
+        return all(bool(torch.isfinite(p).all()) for p in self.parameters())
+
+    @torch.no_grad()
     def normalize_decoder(self) -> None:
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8)
 

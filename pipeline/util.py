@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import re
+import socket
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -140,6 +141,61 @@ def pick_device(name: str) -> str:
     if name not in ("cpu",) and not name.startswith("cuda") and name != "mps":
         raise UserError(f"unknown --device {name!r}: use auto, cpu or cuda")
     return name
+
+
+class FolderLock:
+    """One tc process writing a folder (a store, a run): a lock file in it holding host and pid,
+    made with O_EXCL; a lock left by a dead process on this host is taken over."""
+
+    def __init__(self, folder: Path, name: str):
+        self.file = Path(folder) / name
+        self.held = False
+
+    def acquire(self) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if self._holder_alive():
+                    raise UserError(f"{self.file.parent} is being written by another tc process "
+                                    f"({self.file.read_text().strip()}): wait for it or stop it first")
+                self.file.unlink(missing_ok=True)   # stale: its writer was killed
+                continue
+            os.close(fd)
+            self.write()
+            self.held = True
+            return
+        raise UserError(f"could not take the writer lock {self.file}: remove it if no tc process is writing")
+
+    def write(self) -> None:
+        self.file.write_text(f"{socket.gethostname()} {os.getpid()}")
+
+    def _holder_alive(self) -> bool:
+        try:
+            host, pid = self.file.read_text().split()
+        except (OSError, ValueError):
+            return False
+        if host != socket.gethostname():
+            return True   # another machine's writer: we cannot tell, so assume alive
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def release(self) -> None:
+        if self.held:
+            self.file.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> "FolderLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 _fault_counts: dict[str, int] = {}
