@@ -23,7 +23,7 @@ except ImportError:
     from click import exceptions as click_errors
 
 from pipeline.config import checked, checked_values, field_type
-from pipeline.util import UserError
+from pipeline.util import UserError, is_disk_full, resume_hint
 
 app = typer.Typer(help="Train sparse transcoders on an LLM's MLP and see what each feature means.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -42,13 +42,21 @@ RESUME = "re-run the same command to continue where it stopped"
 
 
 def guarded(fn: Callable[[], Any], resume: str = RESUME) -> Any:
-    """Run a stage: a UserError becomes one line and exit 2; Ctrl-C says how to resume."""
+    """Run a stage: a UserError becomes one line and exit 2; Ctrl-C says how to resume (the stage's
+    own words when it set them, util.resume_hint); a full disk says so."""
+    resume_hint.clear()
     try:
         return fn()
     except UserError as e:
         raise fail(str(e)) from None
     except KeyboardInterrupt:
-        raise fail(f"interrupted: {resume}", 130) from None
+        raise fail(f"interrupted: {resume_hint.get() or resume}", 130) from None
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise fail(f"the disk is full{where}: free some space, then {resume_hint.get() or resume}; what was "
+                   "written before is kept") from None
 
 
 def config_params(cfg_cls: type) -> list[inspect.Parameter]:
@@ -134,8 +142,7 @@ def _register_all() -> None:
     register(app, "cache", cache.CacheConfig, cache.run_cache,
              "Stage one: run the model once and write source/target activations and token ids to a Zarr store.")
     register(app, "train", train.TrainConfig, train.run_train,
-             "Stage two: train a Matryoshka BatchTopK transcoder from a store.",
-             resume="continue from the last checkpoint with `tc train --resume RUN` (RUN: the run folder)")
+             "Stage two: train a Matryoshka BatchTopK transcoder from a store.")
     register(app, "eval", evaluate.EvalConfig, evaluate.run_eval,
              "Measure a trained transcoder: FVU per prefix, L0, dead features, and the model's loss with it spliced in.")
     register(samples_app, "collect", collect.CollectConfig, collect.run_collect,

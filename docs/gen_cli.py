@@ -50,7 +50,8 @@ def render() -> str:
              "Generated from the config dataclasses by `python docs/gen_cli.py`; `tc COMMAND --help` shows the same.",
              "Counts accept `5M`, `200k` or `5000000`. Every command also takes `--config FILE.toml` whose keys are",
              "option names (dashes or underscores); options on the command line win over the file.", "",
-             "Other commands: `tc info PATH` (describe a store or a run folder) and",
+             "Other commands: `tc info PATH [--verify]` (describe a store or a run folder; `--verify` checks every",
+             "chunk, checkpoint and transcoder against its checksum) and",
              "`tc samples show RUN FEATURE [--n 10] [--context 20]` (one feature's samples in the terminal).", ""]
     for name, cfg_cls in COMMANDS:
         lines += section(name, cfg_cls)

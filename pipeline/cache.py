@@ -23,7 +23,8 @@ from tqdm import tqdm
 from pipeline.config import checked
 from pipeline.store import (LOCK_NAME, OUTLIER_FACTOR, Store, StoreWriter, WriterLock, chunk_rows_for,
                             creation_interrupted, is_store, to_fp16)
-from pipeline.util import UserError, fault_point, opt, parse_count, pick_device, write_config_toml
+from pipeline.util import (UserError, check_free_space, fault_point, human_bytes, interrupts_deferred, opt,
+                           parse_count, pick_device, write_config_toml)
 
 # Fields that define what the store holds: a re-run must agree on all of them to resume.
 IDENTITY_FIELDS = ("model", "dataset", "dataset_config", "split", "text_column", "layer", "tokens",
@@ -117,6 +118,33 @@ def damaged_chunks(out: Path) -> list[int]:
         more = f" and {len(damaged) - 6} more" if len(damaged) > 6 else ""
         print(f"{out}: {len(damaged)} damaged ({names}{more}): recomputing {len(chunks)} chunk(s)")
     return chunks
+
+
+def check_context(cfg: CacheConfig, lm: Any) -> None:
+    n_ctx = getattr(getattr(lm.model, "cfg", None), "n_ctx", None)
+    if isinstance(n_ctx, int) and cfg.seq_len > n_ctx:
+        raise UserError(f"--seq-len {cfg.seq_len:,} is longer than {cfg.model}'s context of {n_ctx:,} tokens: "
+                        f"use --seq-len {n_ctx:,} or less")
+
+
+def bytes_per_row(d_model: int) -> int:
+    return 2 * 2 * d_model + 4 + 1   # fp16 source and target, int32 token, uint8 flags
+
+
+def check_disk(cfg: CacheConfig, out: Path, action: str, d_model: int, damaged: list[int]) -> None:
+    """Say what the store will take, and refuse when the filesystem cannot hold what is left to write."""
+    chunk_rows = cfg.chunk_rows or chunk_rows_for(cfg.seq_len)
+    total = -(-cfg.tokens // cfg.seq_len) * cfg.seq_len
+    if action == "create":
+        rows = total
+    else:
+        store = Store(out)
+        rows = max(0, store.n_chunks - len(store.committed_chunks())) * chunk_rows
+    need = rows * bytes_per_row(d_model)
+    print(f"caching {total:,} tokens ({total // cfg.seq_len:,} sequences of {cfg.seq_len:,}) into {out}: about "
+          f"{human_bytes(total * bytes_per_row(d_model))} on disk"
+          + (f", {human_bytes(need)} of it still to write" if action != "create" else ""), flush=True)
+    check_free_space(out, need, f"the store {out}", "free some space, choose another --out, or cache fewer --tokens")
 
 
 def check_writable(out: Path) -> None:
@@ -238,7 +266,9 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     docs = text.iter_documents(cfg.dataset, split=cfg.split, config=cfg.dataset_config, text_column=cfg.text_column)
     device = pick_device(cfg.device)
     lm = models.load_model(cfg.model, device=device, dtype=compute_dtype(cfg, device))
+    check_context(cfg, lm)
     hooks = forward.check_hooks(lm, cfg.layer, [cfg.source, cfg.target])
+    check_disk(cfg, out, action, lm.d_model, damaged)
     writer = open_writer(cfg, out, action, lm, hooks)
     if damaged:
         writer.uncommit(damaged)
@@ -363,7 +393,8 @@ def finish(cfg: CacheConfig, writer: StoreWriter, n_rows: int, seconds: float, v
     fault_point("before_finalize")
     out = cfg.resolved_out()
     write_config_toml(out / "tc-cache.toml", cfg)   # before `complete`: a complete store always has it
-    summary = writer.finalize(n_rows, vocab)
+    with interrupts_deferred():   # seconds of zarr work, in its threads: Ctrl-C waits for the end
+        summary = writer.finalize(n_rows, vocab)
     nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     result = {"store": str(out), "tokens": n_rows, "rows": n_rows, "bytes": nbytes,
               "bytes_per_token": nbytes / max(n_rows, 1), "seconds": round(seconds, 1),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 
 from pipeline.run import CHECKPOINT_STATE, CONFIG, TRANSCODER, Run
 from pipeline.transcoder import Transcoder
-from pipeline.util import UserError, write_file_atomic, write_json_atomic
+from pipeline.util import UserError, file_checksum, write_file_atomic, write_json_atomic
 
 CHECKSUMS = "checksums.json"
 
@@ -62,15 +61,6 @@ def write_checkpoint(run: Run, step: int, model: Transcoder, state: dict[str, An
     fsync_dir(root)
     prune_checkpoints(root, keep, name)
     return final
-
-
-def file_checksum(path: Path) -> dict[str, int]:
-    """CRC-32 and size of a file, read in blocks."""
-    crc, size = 0, 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            crc, size = zlib.crc32(block, crc), size + len(block)
-    return {"crc32": crc, "bytes": size}
 
 
 def checkpoint_problem(path: Path) -> str | None:

@@ -94,6 +94,8 @@ def describe_store(path: Path) -> list[str]:
         lines += [f"state      interrupted: {done} of {total} chunks written ({done * s.chunk_rows:,} of "
                   f"{a['n_rows_planned']:,} tokens); resumable",
                   f"resume     {cache_command(a.get('config', {}))}"]
+    lines.append("checksums  CRC-32 of every chunk, checked on every read (`tc info --verify` checks them all)"
+                 if s.has_checksums else "checksums  none: the store was made before tc recorded them")
     v = a.get("versions", {})
     lines.append("made by    " + ", ".join(f"{k} {v[k]}" for k in ("tc", "torch", "transformers", "transformer-lens", "zarr") if k in v))
     return lines
@@ -133,10 +135,9 @@ def describe_run(run: Run) -> list[str]:
     if run.finished:
         lines.append(f"state      complete: {total} steps")
     elif step:
-        lines.append(f"state      interrupted at {step} of {total} steps; resume with "
-                     f"`tc train --cache {cfg.get('cache')} --resume {path}`")
+        lines.append(f"state      interrupted at {step} of {total} steps; resume with `tc train --resume {path}`")
     else:
-        lines.append("state      started, no checkpoint yet: start again")
+        lines.append(f"state      started, no checkpoint yet: `tc train --resume {path}` starts it again")
     rows = read_metrics(run.metrics_file)
     m = rows[-1] if rows else None
     if m:

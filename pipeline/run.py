@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.store import Store
 from pipeline.transcoder import Transcoder
-from pipeline.util import UserError
+from pipeline.util import UserError, file_checksum
 
 CONFIG = "config.json"
 SUMMARY = "summary.json"
@@ -186,8 +186,6 @@ class Run:
 
     def transcoder_problem(self) -> str | None:
         """Why the final transcoder cannot be trusted (its checksum in summary.json differs), or None."""
-        from pipeline.checkpoints import file_checksum
-
         want = self.summary().get("transcoder_checksum") if self.finished else None
         if want is None or file_checksum(self.transcoder_file) == want:
             return None

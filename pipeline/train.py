@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.checkpoints import (checkpoint_meta, file_checksum, newest_intact, read_checkpoint, rng_state,
-                                  set_rng_state, write_checkpoint)
+from pipeline.checkpoints import (checkpoint_meta, newest_intact, read_checkpoint, rng_state, set_rng_state,
+                                  write_checkpoint)
 from pipeline.collector import SampleSettings, make_collector
 from pipeline.config import checked
 from pipeline.loader import ChunkLoader
@@ -36,7 +36,7 @@ from pipeline.metrics import Metrics, WandbLogger, read_metrics, truncate_metric
 from pipeline.run import RUN_LOCK, TRANSCODER, Run
 from pipeline.store import Store
 from pipeline.transcoder import ENCODER_INIT_SCALE, Transcoder, TranscoderOutput, norm_constants
-from pipeline.util import (FolderLock, UserError, fault_point, opt, parse_count, parse_int_list, pick_device, short_count,
+from pipeline.util import (FolderLock, UserError, check_free_space, fault_point, file_checksum, opt, resume_hint, parse_count, parse_int_list, pick_device, short_count,
                            to_jsonable, versions, write_config_toml, write_json_atomic)
 
 KILL_ENV = "TC_TRAIN_KILL_AT_STEP"   # testing hook: SIGKILL this process right after that step
@@ -338,6 +338,26 @@ def prepare_resume(cfg: TrainConfig, given: set[str] | None) -> Setup:
     return Setup(cfg, run, store, saved, checkpoint, notes)
 
 
+def disk_needed(cfg: TrainConfig, store: Store, total: int, resuming: bool) -> int:
+    """Bytes a run will write: its checkpoints (weights and the two Adam moments), one more while
+    a new one is written, the final transcoder and the feature samples."""
+    d = store.d_model
+    params = cfg.dict_size * (2 * d + 1) + d + (d * d if cfg.skip else 0)
+    checkpoint = 3 * 4 * params + 8 * cfg.dict_size
+    n_checkpoints = -(-total // cfg.checkpoint_every)
+    kept = min(cfg.keep_checkpoints or n_checkpoints, n_checkpoints)
+    samples = 16 * cfg.dict_size * cfg.max_samples_per_feature if cfg.sample_every else 0
+    return (1 if resuming else kept + 1) * checkpoint + 4 * params + samples
+
+
+def train_resume_hint(run: Run, cfg: TrainConfig) -> str:
+    last = run.latest_step_name()
+    if last:
+        return f"continue from {last} with `tc train --resume {run.path}`"
+    return (f"no checkpoint was written yet (the first is at step {cfg.checkpoint_every:,}): "
+            f"`tc train --resume {run.path}` starts it again")
+
+
 def check_batch_fits(cfg: TrainConfig, store: Store) -> None:
     """A batch larger than the store's usable rows would repeat every row within one step."""
     usable = store.n_usable(cfg.include_bos, cfg.include_outliers)
@@ -421,6 +441,10 @@ def train_locked(setup: Setup, device: torch.device, collector_factory: Collecto
     total = int(setup.config["total_steps"])
     for note in setup.notes:
         print(note, flush=True)
+    check_free_space(run.path, disk_needed(cfg, setup.store, total, setup.checkpoint is not None),
+                     f"run {run.path}", "free some space, or write the run elsewhere (--out), or keep fewer "
+                     "checkpoints (--keep-checkpoints)")
+    resume_hint.set(lambda: train_resume_hint(run, cfg))
     start_run_folder(setup)
     verb = "resuming" if setup.checkpoint is not None else "training"
     print(f"{verb} {run.path} ({total:,} steps of {cfg.batch_size:,} tokens); "
@@ -481,6 +505,7 @@ def train_loop(setup: Setup, model: Transcoder, optimizer: torch.optim.Optimizer
                     raise diverged(setup.run, step, "a weight is NaN or inf")
                 state = checkpoint_state(step, total, loader, optimizer, model, metrics, collector)
                 write_checkpoint(setup.run, step, model, state, setup.config, cfg.keep_checkpoints)
+                fault_point("checkpoint_written")
             bar.update(1)
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
+import shutil
+import signal
 import platform
 import re
 import socket
@@ -125,6 +128,17 @@ def write_file_atomic(path: str | Path, data: str | bytes, fsync: bool = False, 
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
 
 
+def file_checksum(path: str | Path) -> dict[str, int]:
+    """CRC-32 and size of a file, read in blocks: what a checkpoint or a transcoder records of its files."""
+    import zlib
+
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            crc, size = zlib.crc32(block, crc), size + len(block)
+    return {"crc32": crc, "bytes": size}
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON so that a kill at any moment leaves either the old file or the new one."""
     write_file_atomic(path, json.dumps(to_jsonable(obj), indent=2), fsync=True)
@@ -198,19 +212,99 @@ class FolderLock:
         self.release()
 
 
+def free_bytes(path: str | Path) -> int:
+    """Free space on the filesystem that holds `path` (or would: its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n:,.1f} PB"
+
+
+DISK_MARGIN = 1.05   # estimates leave this much room for metadata and what they do not count
+
+
+def check_free_space(path: str | Path, need: int, what: str, fix: str) -> None:
+    """Refuse, in one line, work whose output the filesystem at `path` cannot hold."""
+    free = free_bytes(path)
+    if need * DISK_MARGIN > free:
+        raise UserError(f"{what} needs about {human_bytes(need)} but {Path(path)} has {human_bytes(free)} free: "
+                        f"{fix}")
+
+
+_DISK_FULL_WORDS = ("no space left", "storagefull", "os error 28", "disk quota exceeded", "file write failed")
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """An error that means the disk filled up: OSError ENOSPC/EDQUOT, or the message of a library
+    (safetensors, torch.save) that wraps one without its errno."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(w in str(e).lower() for w in _DISK_FULL_WORDS)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt: for short steps that
+    run in library threads (zarr's resizes and metadata writes), where an interrupt in the middle
+    prints their tracebacks. Only in the main thread; elsewhere the block runs as it is."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+class _ResumeHint:
+    """What a stage says an interrupted or failed run should do next ("tc train --resume runs/x"):
+    set by the stage once it knows, read by the CLI's one-line message."""
+
+    def __init__(self) -> None:
+        self.text: str | Callable[[], str] | None = None
+
+    def set(self, text: str | Callable[[], str]) -> None:
+        """The words, or a function that gives them when asked (they may change as the run goes on)."""
+        self.text = text
+
+    def get(self) -> str | None:
+        return self.text() if callable(self.text) else self.text
+
+    def clear(self) -> None:
+        self.text = None
+
+
+resume_hint = _ResumeHint()
+
 _fault_counts: dict[str, int] = {}
 
 
 def fault_point(name: str) -> None:
     """Crash-test hook: with TC_KILL_AT="name:n", the n-th pass through `name` kills this process
-    with SIGKILL, as `kill -9` would. Tests use it to stop a run at an exact point; unset, it is free."""
-    spec = os.environ.get("TC_KILL_AT")
-    if not spec or not spec.startswith(name + ":"):
-        return
-    _fault_counts[name] = _fault_counts.get(name, 0) + 1
-    if _fault_counts[name] == int(spec.rsplit(":", 1)[1]):
-        import signal
-        os.kill(os.getpid(), signal.SIGKILL)
+    with SIGKILL, as `kill -9` would; with TC_INTERRUPT_AT="name:n" it sends SIGINT, as Ctrl-C would.
+    Tests use them to stop a run at an exact point; unset, they are free."""
+    for env, sig in (("TC_KILL_AT", signal.SIGKILL), ("TC_INTERRUPT_AT", signal.SIGINT)):
+        spec = os.environ.get(env)
+        if not spec or not spec.startswith(name + ":"):
+            continue
+        key = f"{env}:{name}"
+        _fault_counts[key] = _fault_counts.get(key, 0) + 1
+        if _fault_counts[key] == int(spec.rsplit(":", 1)[1]):
+            os.kill(os.getpid(), sig)
 
 
 def toml_value(value: Any) -> str:

@@ -269,3 +269,107 @@ def test_a_second_process_on_one_run_folder_is_refused(store, tmp_path):
     r = tc("train", "--resume", str(interrupted))   # the holder is dead: its lock is taken over
     assert r.returncode == 0, r.stderr[-2000:]
     assert not (interrupted / ".tc-run.lock").exists()
+
+
+# ----------------------------------------------------------------------------- interrupts, full disks, limits
+
+@pytest.mark.parametrize("point", ["chunk_before_commit:2", "chunk_committed:3", "before_finalize:1",
+                                   "finalize_before_mark:1"])
+def test_ctrl_c_in_any_phase_of_cache_is_one_line_and_resumes_identically(tmp_path, point):
+    from test_cache import assert_same_store
+
+    whole = tmp_path / "whole.zarr"
+    assert tc(*TINY_CACHE, "--out", str(whole)).returncode == 0
+    out = tmp_path / "s.zarr"
+    r = subprocess.run([sys.executable, "-m", "cli", *TINY_CACHE, "--out", str(out)], capture_output=True, text=True,
+                       cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "TC_INTERRUPT_AT": point}, timeout=600)
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert [x for x in r.stderr.splitlines() if x.startswith("error:")] == [
+        "error: interrupted: re-run the same command to continue where it stopped"]
+    assert tc(*TINY_CACHE, "--out", str(out)).returncode == 0
+    assert_same_store(whole, out)
+
+
+@pytest.mark.parametrize("point,hint", [
+    ("train_config_written:1", "no checkpoint was written yet (the first is at step 8): `tc train --resume {run}` "
+                               "starts it again"),
+    ("checkpoint_written:2", "continue from step_000016 with `tc train --resume {run}`")])
+def test_ctrl_c_in_training_names_the_real_command(store, tmp_path, point, hint):
+    whole = run_train(tiny_train(store, tmp_path / "whole"))
+    run = tmp_path / "run"
+    args = ["train", "--cache", str(store), "--dict-size", "128", "--groups", "16,32,64,16", "--k", "4",
+            "--batch-size", "128", "--steps", "24", "--log-every", "4", "--checkpoint-every", "8", "--lr", "3e-3",
+            "--warmup-steps", "4", "--sample-every", "0", "--dead-tokens", "1000", "--aux-k", "16",
+            "--keep-checkpoints", "0", "--out", str(run)]
+    r = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "TC_INTERRUPT_AT": point}, timeout=600)
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert [x for x in r.stderr.splitlines() if x.startswith("error:")] == [f"error: interrupted: {hint.format(run=run)}"]
+    assert tc("train", "--resume", str(run)).returncode == 0
+    a, b = load_file(whole / "transcoder.safetensors"), load_file(run / "transcoder.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_full_disk_while_caching_is_one_line_and_the_rerun_completes(tmp_path, monkeypatch):
+    import errno
+
+    import pipeline.store as store_module
+    from test_cache import assert_same_store
+
+    whole = tmp_path / "whole.zarr"
+    assert tc(*TINY_CACHE, "--out", str(whole)).returncode == 0
+    real, calls = store_module.write_chunk_file, []
+
+    def filling(path, data):
+        calls.append(path)
+        if len(calls) > 20:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+    monkeypatch.setattr(store_module, "write_chunk_file", filling)
+    out = tmp_path / "s.zarr"
+    r = CliRunner().invoke(app, [*TINY_CACHE, "--out", str(out)])
+    assert r.exit_code == 2 and "the disk is full" in r.output and "re-run the same command" in r.output
+    monkeypatch.undo()
+    assert CliRunner().invoke(app, [*TINY_CACHE, "--out", str(out)]).exit_code == 0
+    assert_same_store(whole, out)
+
+
+def test_a_full_disk_while_checkpointing_names_the_resume_command(store, tmp_path, monkeypatch):
+    from pipeline.transcoder import Transcoder
+
+    real = Transcoder.save
+    calls = []
+
+    def filling(self, path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 2:   # the second checkpoint: what safetensors raises on a full disk
+            raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                               "message: \"No space left on device\" })")
+        return real(self, path, *a, **kw)
+    monkeypatch.setattr(Transcoder, "save", filling)
+    run = tmp_path / "run"
+    r = CliRunner().invoke(app, ["train", "--cache", str(store), "--dict-size", "128", "--k", "4",
+                                 "--batch-size", "128", "--steps", "24", "--checkpoint-every", "8",
+                                 "--out", str(run)])
+    assert r.exit_code == 2, r.output
+    assert f"the disk is full: free some space, then continue from step_000008 with `tc train --resume {run}`" \
+        in " ".join(r.output.split())
+
+
+def test_work_the_disk_cannot_hold_is_refused_before_anything_is_written(store, tmp_path, monkeypatch):
+    import pipeline.util as util
+
+    monkeypatch.setattr(util, "free_bytes", lambda path: 10_000)
+    r = CliRunner().invoke(app, [*TINY_CACHE, "--out", str(tmp_path / "c.zarr")])
+    need = 3008 * (2 * 2 * 64 + 5)   # 47 sequences of 64 tokens, fp16 source and target of d_model 64
+    assert r.exit_code == 2 and f"needs about {need / 1000:.1f} KB" in r.output and "10.0 KB free" in r.output
+    assert not (tmp_path / "c.zarr").exists()
+    with pytest.raises(UserError, match="free some space"):
+        run_train(tiny_train(store, tmp_path / "run"))
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_a_sequence_longer_than_the_models_context_is_refused(tmp_path):
+    r = tc(*TINY_CACHE, "--seq-len", "9000", "--chunk-rows", "9000", "--tokens", "20000", "--out", str(tmp_path / "s"))
+    assert_one_line_error(r, "--seq-len 9,000 is longer than tiny's context of 8,192 tokens")
+    assert not (tmp_path / "s").exists()
