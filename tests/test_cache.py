@@ -348,3 +348,17 @@ def test_a_hub_error_mid_stream_is_one_line_and_leaves_no_store(tmp_path, monkey
     last = r.output.strip().splitlines()[-1]   # the lines before it are the progress bar's
     assert "dataset someone/some-data: reading stopped after 1 records: ConnectionError" in last
     assert "Traceback" not in r.output and not out.exists()
+
+
+def test_bad_local_text_fails_before_the_model_loads_or_the_store_is_made(tmp_path, monkeypatch):
+    from pipeline import cache
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("reached with a bad file in the dataset")
+
+    monkeypatch.setattr(models, "load_model", must_not_run)
+    monkeypatch.setattr(cache.StoreWriter, "create", must_not_run)
+    root = write_text_folder(tmp_path / "corpus", 2)
+    (root / "d.jsonl").write_bytes(b'{"text": "fine"}\n' * 100 + b'{"text": "caf\xe9"}\n')
+    r = tc_inproc([*LOCAL_ARGS, "--dataset", str(root), "--out", str(tmp_path / "x.zarr")])
+    assert r.exit_code == 2 and "d.jsonl line 101 is not UTF-8" in r.output, r.output
