@@ -33,6 +33,7 @@ import os
 import re
 import sys
 import sysconfig
+import time
 import tokenize
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -314,7 +315,8 @@ def _iter_local(spec: str, text_column: str, text_errors: str) -> Iterator[str]:
 def scan_local(spec: str, text_column: str = "text", text_errors: str = "strict") -> dict:
     """Read every file of a local spec as the cache will: decode each .txt, parse each .jsonl line
     (UserError at the first bad one unless --text-errors says otherwise), and hash each file's
-    bytes. Remembered while no file's size or mtime changes, so a run scans once."""
+    bytes. Remembered while no file's size or mtime changes, so a run scans once; not while a file
+    is younger than the filesystem's clock can tell apart (two writes in one tick keep the mtime)."""
     files = [f for group in local_files(spec).values() for f in group]
     stamps = []
     for f in files:
@@ -323,7 +325,12 @@ def scan_local(spec: str, text_column: str = "text", text_errors: str = "strict"
         except OSError as e:
             raise UserError(f"cannot read {f}: {e.strerror}") from None
         stamps.append((str(f), st.st_size, st.st_mtime_ns, st.st_ino))
+    if any(mtime > time.time_ns() - _RACY_NS for _, _, mtime, _ in stamps):
+        return _scan_cached.__wrapped__(spec, text_column, text_errors, tuple(stamps))
     return _scan_cached(spec, text_column, text_errors, tuple(stamps))
+
+
+_RACY_NS = 2_000_000_000
 
 
 @functools.lru_cache(maxsize=8)

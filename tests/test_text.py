@@ -369,7 +369,8 @@ def test_local_identity_names_what_changed(valid_files):
     before = describe_dataset(str(valid_files))
     assert len(before["contents"]) == len(before["files"]) and len(before["sha256"]) == 64
     assert source_change(before, describe_dataset(str(valid_files))) is None
-    (valid_files / "lf.txt").write_bytes(b"two\nLINES\n")   # same size, other bytes
+    (valid_files / "lf.txt").write_bytes(b"two\nLINES\n")   # same size, other bytes, same list of files
+    assert source_change(before, describe_dataset(str(valid_files))) == "1 file(s) changed (lf.txt)"
     (valid_files / "new.txt").write_text("added")
     (valid_files / "cr.txt").unlink()
     change = source_change(before, describe_dataset(str(valid_files)))
@@ -400,3 +401,14 @@ def test_python_docs_and_hub_identity(monkeypatch):
     assert hub["revision"] is None and source_change({**hub, "revision": "a" * 40}, hub) is None
     assert "revision aaaaaaaaaaaa to bbbbbbbbbbbb" in source_change({**hub, "revision": "a" * 40},
                                                                     {**hub, "revision": "b" * 40})
+
+
+def test_a_scan_is_reused_only_while_the_files_are_unchanged(tmp_path):
+    path = tmp_path / "old.txt"
+    path.write_text("first version")
+    os.utime(path, (1_000_000, 1_000_000))   # old enough to be remembered
+    first = describe_dataset(str(path))
+    assert describe_dataset(str(path)) == first
+    path.write_text("other version")   # same size
+    os.utime(path, (2_000_000, 2_000_000))
+    assert source_change(first, describe_dataset(str(path))) == "1 file(s) changed (old.txt)"
