@@ -412,3 +412,16 @@ def test_a_scan_is_reused_only_while_the_files_are_unchanged(tmp_path):
     path.write_text("other version")   # same size
     os.utime(path, (2_000_000, 2_000_000))
     assert source_change(first, describe_dataset(str(path))) == "1 file(s) changed (old.txt)"
+
+
+def test_two_writes_with_one_mtime_are_told_apart(tmp_path):
+    import time
+
+    path = tmp_path / "young.txt"
+    now = time.time_ns()
+    path.write_text("first version")
+    os.utime(path, ns=(now, now))
+    first = describe_dataset(str(path))
+    path.write_text("other version")   # same size, and the clock did not tick between the writes
+    os.utime(path, ns=(now, now))
+    assert source_change(first, describe_dataset(str(path))) == "1 file(s) changed (young.txt)"
