@@ -275,8 +275,10 @@ def _jsonl_line(raw: bytes, path: Path, number: int, text_errors: str, seen: _Un
     try:
         objects = list(_json_values(line))
         problem = None if all(isinstance(o, dict) for o in objects) else "is valid JSON but not an object"
-    except ValueError as e:
-        problem = f"is not valid JSON ({e.msg if isinstance(e, json.JSONDecodeError) else e}, column {getattr(e, 'colno', '?')})"
+    except json.JSONDecodeError as e:
+        problem = f"is not valid JSON ({e.msg} at column {e.colno})"
+    except RecursionError:
+        problem = "is JSON nested too deeply to read"
     if problem is None:
         return objects
     if text_errors == "skip":
