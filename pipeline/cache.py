@@ -41,6 +41,9 @@ class CacheConfig:
     dataset_config: str | None = opt(None, "HF dataset config name.", "Text")
     split: str = opt("train", "HF dataset split.", "Text")
     text_column: str = opt("text", "Column that holds the text.", "Text")
+    text_errors: str = opt("strict", "Local text that is not UTF-8, or a JSONL line that is not a JSON object: "
+                           "strict (stop, naming the file and line), replace (bad bytes become U+FFFD) or skip "
+                           "(leave that .txt file or JSONL line out; the count is printed).", "Text")
     tokens: int = opt(5_000_000, "Tokens to cache (5M, 200k, 5000000); rounded up to whole sequences.", "Text", parse=parse_count)
     seq_len: int = opt(1024, "Tokens per sequence, BOS included.", "Text")
     out: str | None = opt(None, "Store path (default data/l{layer}.zarr).", "Output")
@@ -93,6 +96,7 @@ def prepare_output(cfg: CacheConfig) -> str:
         if rule is not None and float(rule["factor"]) != float(cfg.outlier_factor):
             diff.append("outlier_factor")
         if not diff and not cfg.overwrite:
+            check_text_source(cfg, out, attrs)
             return "done" if Store(out).complete else "resume"
         if not cfg.overwrite:
             raise UserError(f"{out} holds a store made with a different configuration ({', '.join(diff)}): "
@@ -145,6 +149,17 @@ def check_disk(cfg: CacheConfig, out: Path, action: str, d_model: int, damaged: 
           f"{human_bytes(total * bytes_per_row(d_model))} on disk"
           + (f", {human_bytes(need)} of it still to write" if action != "create" else ""), flush=True)
     check_free_space(out, need, f"the store {out}", "free some space, choose another --out, or cache fewer --tokens")
+
+
+def check_text_source(cfg: CacheConfig, out: Path, attrs: dict) -> None:
+    """A store resumes only on the text it was begun on: re-reading a changed folder would mix two streams."""
+    from pipeline import text
+
+    now = text.describe_dataset(cfg.dataset, cfg.split, cfg.dataset_config, cfg.text_column, cfg.text_errors)
+    change = text.source_change(attrs.get("dataset") or {}, now)
+    if change:
+        raise UserError(f"{out} was begun on different text: {change}; restore the text as it was to resume, "
+                        "or pass --overwrite to start the store again, or choose another --out")
 
 
 def check_writable(out: Path) -> None:
@@ -263,7 +278,9 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
         checked_note = "every chunk matches its checksum" if store.has_checksums else "made before checksums"
         print(f"{out} is already complete ({store.n_rows:,} rows; {checked_note}): nothing to do")
         return {"store": str(out), "tokens": store.n_rows, "skipped": True}
-    docs = text.iter_documents(cfg.dataset, split=cfg.split, config=cfg.dataset_config, text_column=cfg.text_column)
+    text.prescan(cfg.dataset, cfg.text_column, cfg.text_errors)   # a bad local file fails before the store exists
+    docs = text.iter_documents(cfg.dataset, split=cfg.split, config=cfg.dataset_config, text_column=cfg.text_column,
+                               text_errors=cfg.text_errors)
     device = pick_device(cfg.device)
     lm = models.load_model(cfg.model, device=device, dtype=compute_dtype(cfg, device))
     check_context(cfg, lm)
@@ -304,7 +321,7 @@ def open_writer(cfg: CacheConfig, out: Path, action: str, lm: Any, hooks: list[s
         "compute_dtype": str(lm.dtype).replace("torch.", ""),
         "tokenizer": {"name": getattr(lm.tokenizer, "name_or_path", cfg.model), "bos_id": lm.bos_id,
                       "vocab_size": lm.vocab_size},
-        "dataset": text.describe_dataset(cfg.dataset, cfg.split, cfg.dataset_config),
+        "dataset": text.describe_dataset(cfg.dataset, cfg.split, cfg.dataset_config, cfg.text_column, cfg.text_errors),
         "config": asdict(cfg),
     }
     return StoreWriter.create(out, n_rows=n_rows, d_model=lm.d_model, chunk_rows=chunk_rows, attrs=attrs,

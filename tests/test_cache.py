@@ -239,3 +239,126 @@ def test_nan_activations_end_in_one_line_and_leave_nothing(tmp_path, monkeypatch
     assert r.exit_code == 2 and "NaN or inf" in r.output and "--dtype float32" in r.output
     assert "Traceback" not in r.output and isinstance(r.exception, SystemExit)   # a clean exit, not a crash
     assert not out.exists()   # the empty store this run made is removed
+
+
+# ---- local text that cannot be read, and the identity of the text source ----
+
+LOCAL_ARGS = ["cache", "--model", "tiny", "--layer", "1", "--tokens", "3000", "--seq-len", "64",
+              "--chunk-rows", "256", "--batch-size", "3"]
+
+
+def write_text_folder(root: Path, n_files: int = 12) -> Path:
+    """A folder of .txt files holding python-docs text: enough for several chunks."""
+    root.mkdir(parents=True, exist_ok=True)
+    docs = iter(text.iter_documents("python-docs"))
+    for i in range(n_files):
+        (root / f"doc{i:02d}.txt").write_text(next(docs)[:3000])
+    return root
+
+
+@pytest.mark.parametrize("name, data, where", [
+    ("latin1.txt", "café crème\n".encode("latin-1"), "latin1.txt is not UTF-8 text (byte 3, line 1)"),
+    ("random.txt", bytes(np.random.default_rng(1).integers(128, 256, 2000, dtype=np.uint8)), "random.txt is not UTF-8"),
+    ("broken.jsonl", b'{"text": "fine"}\n{"text": "no closing quote}\n', "broken.jsonl line 2 is not valid JSON"),
+])
+def test_bad_local_text_is_one_line_and_leaves_no_store(tmp_path, name, data, where):
+    root = write_text_folder(tmp_path / "corpus", 2)
+    (root / name).write_bytes(data)
+    out = tmp_path / "bad.zarr"
+    r = tc([*LOCAL_ARGS, "--dataset", str(root), "--out", str(out)])
+    assert r.returncode == 2, r.stderr
+    assert where in r.stderr and "--text-errors" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()   # checked before the store was made: nothing to resume, nothing to clean
+
+
+def test_skip_and_replace_make_a_store_and_say_so(tmp_path):
+    root = write_text_folder(tmp_path / "corpus", 2)
+    (root / "zz_latin1.txt").write_bytes("café crème ".encode("latin-1") * 50)
+    args = [a if a != "3000" else "1M" for a in LOCAL_ARGS]   # the text runs out: every document counts
+    for errors, said in (("skip", "left out 1 undecodable document(s)"),
+                         ("replace", "replaced bad bytes with U+FFFD in 1 undecodable document(s)")):
+        out = tmp_path / f"{errors}.zarr"
+        r = tc_inproc([*args, "--dataset", str(root), "--text-errors", errors, "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        assert said in r.output and "zz_latin1.txt" in r.output
+        info = Store(out).attrs["dataset"]
+        assert info["text_errors"] == errors and info["undecodable"] == 1
+    skipped, replaced = Store(tmp_path / "skip.zarr"), Store(tmp_path / "replace.zarr")
+    n = min(skipped.n_rows, replaced.n_rows)
+    assert np.array_equal(skipped.tokens[:n], replaced.tokens[:n])   # the good files come first in both
+    assert skipped.n_rows < replaced.n_rows   # the replaced file's text is in one, not the other
+
+
+def killed_then_changed(tmp_path: Path, change) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """Cache a folder, kill -9 it after its first chunk, apply `change` to the folder, re-run."""
+    root = write_text_folder(tmp_path / "corpus")
+    out = tmp_path / "k.zarr"
+    args = [*LOCAL_ARGS, "--dataset", str(root), "--out", str(out)]
+    assert tc(args, TC_KILL_AT="chunk_committed:1").returncode == -signal.SIGKILL
+    change(root)
+    return root, out, tc(args)
+
+
+def test_a_changed_folder_is_refused_on_resume_and_the_store_kept(tmp_path):
+    root, out, r = killed_then_changed(tmp_path, lambda root: (root / "doc03.txt").write_text("other text"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "was begun on different text: 1 file(s) changed (doc03.txt)" in r.stderr
+    assert "--overwrite" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not Store(out).complete and Store(out).attrs["dataset"]["sha256"]   # kept, still resumable
+    write_text_folder(root)   # the text as it was
+    r = tc([*LOCAL_ARGS, "--dataset", str(root), "--out", str(out)])
+    assert r.returncode == 0, r.stderr
+    fresh = tmp_path / "fresh.zarr"
+    assert tc_inproc([*LOCAL_ARGS, "--dataset", str(root), "--out", str(fresh)]).exit_code == 0
+    assert_same_store(fresh, out)
+
+
+def test_files_added_or_removed_are_refused_on_resume(tmp_path):
+    _, _, r = killed_then_changed(tmp_path, lambda root: (root / "doc00.txt").unlink())
+    assert r.returncode == 2 and "1 file(s) removed (doc00.txt)" in r.stderr
+    _, _, r = killed_then_changed(tmp_path / "2", lambda root: (root / "a_new.txt").write_text("new"))
+    assert r.returncode == 2 and "1 file(s) added (a_new.txt)" in r.stderr
+
+
+def test_a_store_from_before_the_identity_resumes_as_before(tmp_path):
+    def forget_identity(root: Path) -> None:
+        group = zarr.open_group(str(tmp_path / "k.zarr"), mode="r+")
+        group.attrs["dataset"] = {k: v for k, v in group.attrs["dataset"].items()
+                                  if k not in ("contents", "sha256", "text_errors", "undecodable")}
+
+    root, out, r = killed_then_changed(tmp_path, forget_identity)
+    assert r.returncode == 0, r.stderr
+    assert Store(out).complete
+
+
+def test_a_hub_error_mid_stream_is_one_line_and_leaves_no_store(tmp_path, monkeypatch):
+    import datasets
+
+    def stream(*args, **kwargs):
+        def rows():
+            yield {"text": "a first document that is read"}
+            raise ConnectionError("connection reset by peer")
+        return rows()
+
+    monkeypatch.setattr(datasets, "load_dataset", stream)
+    out = tmp_path / "hub.zarr"
+    r = tc_inproc([*LOCAL_ARGS, "--dataset", "someone/some-data", "--out", str(out)])
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
+    last = r.output.strip().splitlines()[-1]   # the lines before it are the progress bar's
+    assert "dataset someone/some-data: reading stopped after 1 records: ConnectionError" in last
+    assert "Traceback" not in r.output and not out.exists()
+
+
+def test_bad_local_text_fails_before_the_model_loads_or_the_store_is_made(tmp_path, monkeypatch):
+    from pipeline import cache
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("reached with a bad file in the dataset")
+
+    monkeypatch.setattr(models, "load_model", must_not_run)
+    monkeypatch.setattr(cache.StoreWriter, "create", must_not_run)
+    root = write_text_folder(tmp_path / "corpus", 2)
+    (root / "d.jsonl").write_bytes(b'{"text": "fine"}\n' * 100 + b'{"text": "caf\xe9"}\n')
+    r = tc_inproc([*LOCAL_ARGS, "--dataset", str(root), "--out", str(tmp_path / "x.zarr")])
+    assert r.exit_code == 2 and "d.jsonl line 101 is not UTF-8" in r.output, r.output
