@@ -53,7 +53,8 @@ class ExportConfig:
     cache: str | None = opt(None, "Store to read (default: the store the run was trained on).", "Input")
     model: str | None = opt(None, "Model for the logit effects (default: the store's model; never downloaded).",
                             "Input")
-    device: str = opt("auto", "auto, cpu or cuda (for the per-token activations).", "Compute")
+    device: str = opt("auto", "auto, cpu or cuda (for the per-token activations and the logit effects).",
+                      "Compute")
     batch_size: int = opt(2048, "Rows encoded at once.", "Compute")
 
 
@@ -161,7 +162,8 @@ def build_records(cfg: ExportConfig) -> tuple[dict[str, Any], list[dict[str, Any
         rec = {"activation": v, **build_context(r, int(st), store.tokens, vocab, int(end)), "acts": a[:n],
                "after_acts": a[n:]}
         per_feature[f][kind].append((q, rec))
-    effects, logit_meta = try_logit_effects(tc, feats, cfg.model or store.attrs.get("model"), cfg.logit_tokens)
+    effects, logit_meta = try_logit_effects(tc, feats, cfg.model or store.attrs.get("model"), cfg.logit_tokens,
+                                            device.type)
     if effects is None:
         print(f"logit effects left out: {logit_meta['reason']}")
     records = [_feature_record(f, s, per_feature[f], store, vocab, tc.groups, effects) for f in feats]

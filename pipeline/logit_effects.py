@@ -34,7 +34,7 @@ FEATURE_BATCH = 256          # features per product: 256 x 262k floats (Gemma 3)
 def raw_directions(tc: Transcoder, feats: list[int]) -> Tensor:
     """Decoder rows of `feats` in the target's raw units: (n, d_out)."""
     idx = torch.as_tensor(feats, dtype=torch.long, device=tc.W_dec.device)
-    return (tc.W_dec.detach()[idx].float() * tc.target_scale.float()).cpu()
+    return tc.W_dec.detach()[idx].float() * tc.target_scale.float()
 
 
 def norm_scale(norm: torch.nn.Module) -> Tensor:
@@ -42,7 +42,7 @@ def norm_scale(norm: torch.nn.Module) -> Tensor:
     norm = getattr(norm, "_original_component", norm)       # the TransformerLens bridge wraps it
     if "rms" not in type(norm).__name__.lower():             # a LayerNorm also centres: not one scale
         raise UserError(f"the final norm is a {type(norm).__name__}, not an RMSNorm: logit effects need one")
-    weight = norm.weight.detach().float().cpu()
+    weight = norm.weight.detach().float()
     # Gemma's RMSNorm computes x * (1 + weight) (weights stored centred on zero), others x * weight
     return 1.0 + weight if type(norm).__name__.startswith("Gemma") else weight
 
@@ -56,7 +56,7 @@ def unembedding(lm: Any) -> tuple[Tensor, Tensor]:
     if norm is None or getattr(getattr(norm, "_original_component", norm), "weight", None) is None:
         raise UserError(f"model {lm.spec} has no final RMSNorm with a weight where tc looks (model.norm)")
     head = hf.get_output_embeddings()
-    return norm_scale(norm), head.weight.detach().float().cpu().t()
+    return norm_scale(norm), head.weight.detach().float().t()
 
 
 def top_effects(directions: Tensor, scale: Tensor, w_u: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -68,7 +68,7 @@ def top_effects(directions: Tensor, scale: Tensor, w_u: Tensor, k: int) -> tuple
         logits = (directions[a:a + FEATURE_BATCH] * scale) @ w_u               # (b, vocab)
         pos, neg = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
         parts.append((pos.values, pos.indices, neg.values, neg.indices))
-    return tuple(torch.cat(p) for p in zip(*parts))                          # type: ignore[return-value]
+    return tuple(torch.cat(p).cpu() for p in zip(*parts))                    # type: ignore[return-value]
 
 
 def feature_logit_effects(tc: Transcoder, feats: list[int], lm: Any, k: int, vocab: list[str]
@@ -81,7 +81,8 @@ def feature_logit_effects(tc: Transcoder, feats: list[int], lm: Any, k: int, voc
                         f"{w_u.shape[0]}")
     if not feats:
         return {}
-    pv, pi, nv, ni = top_effects(raw_directions(tc, feats), scale, w_u, k)
+    directions = raw_directions(tc, feats).to(w_u.device)
+    pv, pi, nv, ni = top_effects(directions, scale.to(w_u.device), w_u, k)
 
     def entries(vals: Tensor, ids: Tensor) -> list[dict[str, Any]]:
         return [{"token_id": int(i), "token": vocab[int(i)] if int(i) < len(vocab) else f"<id {int(i)}>",
@@ -89,7 +90,7 @@ def feature_logit_effects(tc: Transcoder, feats: list[int], lm: Any, k: int, voc
     return {f: {"positive": entries(pv[j], pi[j]), "negative": entries(nv[j], ni[j])} for j, f in enumerate(feats)}
 
 
-def try_logit_effects(tc: Transcoder, feats: list[int], model: str | None, k: int
+def try_logit_effects(tc: Transcoder, feats: list[int], model: str | None, k: int, device: str = "cpu"
                       ) -> tuple[dict[int, dict] | None, dict[str, Any]]:
     """The logit effects of `feats` and what made them, or (None, {available: false, reason}) when
     the model cannot be loaded or does not fit: the export goes on without them."""
@@ -104,7 +105,8 @@ def try_logit_effects(tc: Transcoder, feats: list[int], model: str | None, k: in
                       "reason": f"model {model!r} is not available locally (the export never downloads a model; "
                                 "pass --model NAME_OR_FOLDER)"}
     try:
-        lm = load_model(model, "cpu", torch.float32)
+        # the weights in the device's usual dtype (bf16 on a GPU); the product itself is float32
+        lm = load_model(model, device)
         effects = feature_logit_effects(tc, feats, lm, k, vocab_strings(lm.tokenizer))
     except (UserError, OSError, ValueError) as e:
         reason = " ".join(str(e).split())
