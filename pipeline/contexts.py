@@ -32,13 +32,35 @@ def context_starts(rows: np.ndarray, flags: np.ndarray, seq_len: int, n_ctx: int
     return np.maximum.reduce([rows - n_ctx + 1, seq_start, last_bos])
 
 
-def build_context(row: int, start: int, tokens: np.ndarray, vocab: list[str]) -> dict[str, Any]:
-    """One sample's context: token ids and texts of rows [start, row]; the activating token is last."""
+def context_ends(rows: np.ndarray, flags: np.ndarray, seq_len: int, n_after: int) -> np.ndarray:
+    """Last row of the text shown after each sample's activating row r: at most n_after rows past r,
+    never past the last row of r's sequence (the next row of the store is unrelated text) nor into
+    the next document (a BOS after r). Returns r itself when nothing follows."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0 or n_after <= 0:
+        return rows.copy()
+    ahead = np.arange(1, n_after + 1, dtype=np.int64)                      # (n_after,)
+    win = rows[:, None] + ahead[None, :]                                   # (S, n_after)
+    seq_end = np.minimum(rows - rows % seq_len + seq_len, len(flags)) - 1  # last row of r's sequence
+    inside = win <= seq_end[:, None]
+    is_bos = inside & ((flags[np.minimum(win, len(flags) - 1)] & FLAG_BOS) != 0)
+    next_bos = np.where(is_bos, win, np.iinfo(np.int64).max).min(axis=1)
+    return np.minimum.reduce([rows + n_after, seq_end, next_bos - 1])
+
+
+def build_context(row: int, start: int, tokens: np.ndarray, vocab: list[str], end: int | None = None
+                  ) -> dict[str, Any]:
+    """One sample's context: token ids and texts of rows [start, row]; the activating token is last.
+    With `end` (> row), also the ids and texts of rows (row, end]: the text after it."""
     ids = tokens[start:row + 1].astype(np.int64).tolist()
     toks = [token_text(vocab, i) for i in ids]
-    return {"row": int(row), "context_start": int(start), "token_id": ids[-1], "token": toks[-1],
-            "token_ids": ids, "tokens": toks, "text": "".join(toks),
-            "marked": "".join(toks[:-1]) + MARK_LEFT + toks[-1] + MARK_RIGHT}
+    rec = {"row": int(row), "context_start": int(start), "token_id": ids[-1], "token": toks[-1],
+           "token_ids": ids, "tokens": toks, "text": "".join(toks),
+           "marked": "".join(toks[:-1]) + MARK_LEFT + toks[-1] + MARK_RIGHT}
+    if end is not None:
+        after = tokens[row + 1:end + 1].astype(np.int64).tolist()
+        rec.update(after_ids=after, after_tokens=[token_text(vocab, i) for i in after])
+    return rec
 
 
 def token_text(vocab: list[str], i: int) -> str:

@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import checked
-from pipeline.contexts import build_context, context_starts, token_text, top_tokens
+from pipeline.contexts import build_context, context_ends, context_starts, token_text, top_tokens
+from pipeline.logit_effects import try_logit_effects
 from pipeline.run import Run, open_run
 from pipeline.samples import FeatureSamples, load_samples
 from pipeline.store import Store
@@ -45,8 +46,15 @@ class ExportConfig:
     top_n: int = opt(10, "Top contexts per feature.", "Content")
     interval_samples: int = opt(3, "Samples per activation interval (exact samples only).", "Content")
     context: int = opt(20, "Tokens of context, ending at the activating token.", "Content")
+    after: int = opt(4, "Tokens shown after the activating token (never past its sequence or document; 0: none).",
+                     "Content")
+    logit_tokens: int = opt(10, "Output tokens each feature's decoder direction promotes and suppresses most, "
+                            "through the model's final norm and unembedding (0: leave them out).", "Content")
     cache: str | None = opt(None, "Store to read (default: the store the run was trained on).", "Input")
-    device: str = opt("auto", "auto, cpu or cuda (for the per-token activations).", "Compute")
+    model: str | None = opt(None, "Model for the logit effects (default: the store's model; never downloaded).",
+                            "Input")
+    device: str = opt("auto", "auto, cpu or cuda (for the per-token activations and the logit effects).",
+                      "Compute")
     batch_size: int = opt(2048, "Rows encoded at once.", "Compute")
 
 
@@ -58,6 +66,9 @@ def validate_export(cfg: ExportConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.interval_samples < 0 or (cfg.max_features is not None and cfg.max_features <= 0):
         raise UserError("--interval-samples must be 0 or more and --max-features positive")
+    for name in ("after", "logit_tokens"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
 
 
 def check_feature(feature: int, d_latent: int) -> int:
@@ -82,8 +93,9 @@ def choose_features(cfg: ExportConfig, s: FeatureSamples) -> list[int]:
 
 def context_activations(tc: Transcoder, store: Store, starts: np.ndarray, rows: np.ndarray, feats: np.ndarray,
                         batch_size: int = 4096) -> list[np.ndarray]:
-    """For each sample i, the activation of feature feats[i] on every row starts[i]..rows[i], from
-    the transcoder's inference encoding of the stored source rows. Reads whole chunks only."""
+    """For each sample i, the activation of feature feats[i] on every row starts[i]..rows[i] (rows:
+    the last row to show, the text after the activating token included), from the transcoder's
+    inference encoding of the stored source rows. Reads whole chunks only."""
     if len(rows) == 0:
         return []
     lens = rows - starts + 1                                              # (S,)
@@ -140,23 +152,39 @@ def build_records(cfg: ExportConfig) -> tuple[dict[str, Any], list[dict[str, Any
     items = _sample_list(s, cfg, feats)
     rows = np.array([it[3] for it in items], dtype=np.int64)
     starts = context_starts(rows, store.flags, store.seq_len, cfg.context)
-    acts = context_activations(tc, store, starts, rows, np.array([it[0] for it in items], dtype=np.int64),
+    ends = context_ends(rows, store.flags, store.seq_len, cfg.after)
+    acts = context_activations(tc, store, starts, ends, np.array([it[0] for it in items], dtype=np.int64),
                                cfg.batch_size)
     per_feature: dict[int, dict[str, list]] = {f: {"top": [], "interval": []} for f in feats}
-    for (f, kind, q, r, v), st, a in zip(items, starts, acts):
-        rec = {"activation": v, **build_context(r, int(st), store.tokens, vocab),
-               "acts": [round(float(x), 5) for x in a]}
+    for (f, kind, q, r, v), st, end, a in zip(items, starts, ends, acts):
+        a = [round(float(x), 5) for x in a]
+        n = r - int(st) + 1                      # context rows; the rest is the text after
+        rec = {"activation": v, **build_context(r, int(st), store.tokens, vocab, int(end)), "acts": a[:n],
+               "after_acts": a[n:]}
         per_feature[f][kind].append((q, rec))
-    records = [_feature_record(f, s, per_feature[f], store, vocab) for f in feats]
-    return _index(cfg, run, s, store, records), records
+    effects, logit_meta = try_logit_effects(tc, feats, cfg.model or store.attrs.get("model"), cfg.logit_tokens,
+                                            device.type)
+    if effects is None:
+        print(f"logit effects left out: {logit_meta['reason']}")
+    records = [_feature_record(f, s, per_feature[f], store, vocab, tc.groups, effects) for f in feats]
+    return _index(cfg, run, s, store, records, tc.groups, logit_meta), records
 
 
-def _feature_record(f: int, s: FeatureSamples, got: dict[str, list], store: Store, vocab: list[str]
-                    ) -> dict[str, Any]:
+def group_of(f: int, groups: list[int]) -> dict[str, int]:
+    """The Matryoshka group of latent f: its index, its latents [start, end), and the prefix
+    (latents < end) it first belongs to."""
+    ends = np.cumsum(groups)
+    g = int(np.searchsorted(ends, f, side="right"))
+    return {"index": g, "start": int(ends[g] - groups[g]), "end": int(ends[g]), "count": len(groups)}
+
+
+def _feature_record(f: int, s: FeatureSamples, got: dict[str, list], store: Store, vocab: list[str],
+                    groups: list[int], effects: dict[int, dict] | None) -> dict[str, Any]:
     kept = s.top_rows[f][s.top_rows[f] >= 0]
     rec = {"id": f, "fires": int(s.fires[f]), "density": float(s.density()[f]),
            "mean_activation": float(s.mean_activation()[f]), "max_activation": float(s.act_max[f]),
-           "top_tokens": top_tokens(store.tokens[kept], vocab),
+           "group": group_of(f, groups), "top_tokens": top_tokens(store.tokens[kept], vocab),
+           "logit_effects": effects.get(f) if effects is not None else None,
            "histogram": None, "top": [r for _, r in got["top"]], "intervals": []}
     if s.hist is not None:
         h = s.hist.shape[1]
@@ -170,8 +198,21 @@ def _feature_record(f: int, s: FeatureSamples, got: dict[str, list], store: Stor
     return rec
 
 
-def _index(cfg: ExportConfig, run: Run, s: FeatureSamples, store: Store, records: list[dict[str, Any]]
-           ) -> dict[str, Any]:
+def density_histogram(s: FeatureSamples, bins_per_decade: int = 4) -> dict[str, Any]:
+    """Histogram of log10(density) over every feature that fired (equal-width bins, whole decades at
+    the ends), and the number that never did."""
+    d = s.density()[s.fires > 0]
+    if not len(d):
+        return {"log10_edges": [], "counts": [], "dead": int((s.fires == 0).sum())}
+    logs = np.log10(d)
+    lo, hi = np.floor(logs.min()), max(np.ceil(logs.max()), np.floor(logs.min()) + 1)
+    edges = np.linspace(lo, hi, int(round((hi - lo) * bins_per_decade)) + 1)
+    counts = np.histogram(logs, bins=edges)[0]
+    return {"log10_edges": edges.tolist(), "counts": counts.tolist(), "dead": int((s.fires == 0).sum())}
+
+
+def _index(cfg: ExportConfig, run: Run, s: FeatureSamples, store: Store, records: list[dict[str, Any]],
+           groups: list[int], logit_meta: dict[str, Any]) -> dict[str, Any]:
     rc = run.config()
     fires = s.fires
     width = max(5, len(str(s.d_latent - 1)))
@@ -183,9 +224,12 @@ def _index(cfg: ExportConfig, run: Run, s: FeatureSamples, store: Store, records
         "summary": {"features_exported": len(records), "features_firing": int((fires > 0).sum()),
                     "dead_features": int((fires == 0).sum()),
                     "max_activation": float(s.act_max.max()) if s.d_latent else 0.0},
+        "groups": groups, "density_histogram": density_histogram(s),
+        "dead_ids": np.flatnonzero(fires == 0).tolist(), "logit_effects": logit_meta,
         "features": [{"id": r["id"], "file": f"features/feature_{r['id']:0{width}d}.json",
                       "fires": r["fires"], "density": r["density"], "max_activation": r["max_activation"],
-                      "mean_activation": r["mean_activation"], "top_tokens": [t["token"] for t in r["top_tokens"]]}
+                      "mean_activation": r["mean_activation"], "group": r["group"]["index"],
+                      "top_tokens": [t["token"] for t in r["top_tokens"]]}
                      for r in records],
         "config": asdict(cfg), "run_config": rc, "collect": (s.meta or {}).get("config"), "versions": versions(),
     }
@@ -222,10 +266,16 @@ def write_json_export(out: Path, index: dict[str, Any], records: list[dict[str, 
 
 
 def _compact_sample(rec: dict[str, Any], vocab: dict[int, str]) -> list[Any]:
-    for i, t in zip(rec["token_ids"], rec["tokens"]):
+    for i, t in zip(rec["token_ids"] + rec["after_ids"], rec["tokens"] + rec["after_tokens"]):
         vocab[i] = t
     return [rec["row"], _round(rec["activation"]), rec["context_start"], rec["token_ids"],
-            [_round(a) for a in rec["acts"]]]
+            [_round(a) for a in rec["acts"]], rec["after_ids"], [_round(a) for a in rec["after_acts"]]]
+
+
+def _compact_logits(effects: dict[str, list] | None) -> list[list] | None:
+    if effects is None:
+        return None
+    return [[[e["token"], _round(e["value"])] for e in effects[side]] for side in ("positive", "negative")]
 
 
 def _round(x: float) -> float:
@@ -234,13 +284,15 @@ def _round(x: float) -> float:
 
 def page_data(index: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
     """The data embedded in the page: the index plus compact feature records (samples as
-    [row, activation, context_start, token_ids, acts]; token texts once in `vocab`)."""
+    [row, activation, context_start, token_ids, acts, after_ids, after_acts]; token texts once in
+    `vocab`; logit effects as [[positive [token, value]...], [negative ...]])."""
     vocab: dict[int, str] = {}
     feats = []
     for r in records:
         feats.append({
             "id": r["id"], "fires": r["fires"], "density": r["density"], "max": r["max_activation"],
             "mean": r["mean_activation"], "tt": [[t["token"], t["count"]] for t in r["top_tokens"]],
+            "group": r["group"]["index"], "logits": _compact_logits(r["logit_effects"]),
             "hist": r["histogram"]["counts"] if r["histogram"] else None,
             "top": [_compact_sample(x, vocab) for x in r["top"]],
             "iv": [[iv["lo"], iv["hi"], [_compact_sample(x, vocab) for x in iv["samples"]]] for iv in r["intervals"]],

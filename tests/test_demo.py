@@ -64,6 +64,9 @@ def test_demo_page_shows_features_with_highlighted_contexts(demo, tmp_path):
         assert len(parsed.list_ids) > 10
         top = [c for c in parsed.contexts if c["kind"] == "top"]
         assert top and all(c["hit"] and c["text"].endswith(c["hit"]) for c in top)
+        # the tiny model is built in code, so its logit effects are always there; the density overview too
+        assert "logits" in parsed.by_id and parsed.logits and "logits-absent" not in parsed.by_id
+        assert parsed.ticks["density-overview"]["x"] >= 2 and parsed.ticks["hist"]["y"] >= 1
         exported = json.loads((page.parent / "export.json").read_text())
         assert len(parsed.list_ids) == min(exported["features"], 300)   # the list renders 300 at a time
         shot = artifacts / ("demo_browser.png" if page == real else "demo_tiny_browser.png")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -21,6 +22,7 @@ from pipeline.util import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 CONTEXT = 8
+AFTER = 4          # the export's default --after
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,39 @@ def trained_run(tmp_path_factory, synthetic_store):
     return run, training_only
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run on a d=64 synthetic store, the width of the tiny Gemma-2, so its logit effects can be
+    computed with that model; 512 latents for 60 steps leaves dead and rarely firing features."""
+    from conftest import write_synthetic_store
+
+    root = tmp_path_factory.mktemp("tiny_export")
+    store = write_synthetic_store(root / "t.zarr", d_model=64)
+    run = run_train(TrainConfig(cache=str(store), dict_size=512, groups=[64, 128, 320], k=4, steps=60,
+                                batch_size=256, lr=3e-3, warmup_steps=5, sample_every=0, log_every=20,
+                                checkpoint_every=60, out=str(root / "run"), device="cpu"))
+    run_collect(CollectConfig(run=str(run), top_n=6, intervals=3, interval_samples=2, hist_bins=12, device="cpu"))
+    return run
+
+
+@pytest.fixture
+def tiny_model_with_norm(monkeypatch):
+    """The tiny Gemma-2 with a random final-norm weight: its random init has weight 0 (scale 1 + 0),
+    which would hide a forgotten norm scale. Returns the HF model the export will load."""
+    import pipeline.models as models
+
+    original = models._tiny_model
+
+    def with_norm():
+        m = original()
+        with torch.no_grad():
+            m.model.norm.weight.copy_(torch.linspace(-0.9, 2.0, m.config.hidden_size)[torch.randperm(
+                m.config.hidden_size, generator=torch.Generator().manual_seed(1))])
+        return m
+    monkeypatch.setattr(models, "_tiny_model", with_norm)
+    return with_norm()
+
+
 def export_json(run: Path, out: Path, **kw) -> tuple[dict, dict[int, dict]]:
     path = run_export(ExportConfig(run=str(run), out=str(out), format="json", context=CONTEXT, device="cpu", **kw))
     index = json.loads(path.read_text())
@@ -47,9 +82,19 @@ def all_samples(rec: dict) -> list[dict]:
     return rec["top"] + [s for iv in rec["intervals"] for s in iv["samples"]]
 
 
+def expected_after_end(r: int, store: Store, n_after: int = AFTER) -> int:
+    """The last row shown after row r, one row at a time: stop at the sequence's end and before a BOS."""
+    end = r
+    while end - r < n_after and (end + 1) % store.seq_len and end + 1 < store.n_rows \
+            and not store.flags[end + 1] & FLAG_BOS:
+        end += 1
+    return end
+
+
 def check_contexts(records: dict[int, dict], store: Store, tc: Transcoder, exact: bool) -> int:
-    """Every sample's tokens are the stored ids at its rows; its per-token activations are the
-    transcoder's; with exact samples its activation is the transcoder's too."""
+    """Every sample's tokens are the stored ids at its rows, and so are the tokens after it (same
+    sequence and document); its per-token activations are the transcoder's; with exact samples its
+    activation is the transcoder's too."""
     vocab = store.vocab()
     n = 0
     for f, rec in records.items():
@@ -60,10 +105,14 @@ def check_contexts(records: dict[int, dict], store: Store, tc: Transcoder, exact
             assert s["text"] == "".join(s["tokens"])
             assert 1 <= len(s["token_ids"]) <= CONTEXT and a // store.seq_len == r // store.seq_len
             assert not (store.flags[a + 1:r + 1] & FLAG_BOS).any()      # never crosses a document start
-            acts = tc.encode(torch.from_numpy(store.source[a:r + 1]).float())[:, f].numpy()
-            np.testing.assert_allclose(s["acts"], acts, rtol=1e-4, atol=1e-4)
+            end = expected_after_end(r, store)
+            assert s["after_ids"] == store.tokens[r + 1:end + 1].tolist()
+            assert s["after_tokens"] == [vocab[i] for i in s["after_ids"]]
+            acts = tc.encode(torch.from_numpy(store.source[a:end + 1]).float())[:, f].numpy()
+            np.testing.assert_allclose(s["acts"] + s["after_acts"], acts, rtol=1e-4, atol=1e-4)
+            assert len(s["acts"]) == len(s["tokens"])
             if exact:
-                assert s["activation"] == pytest.approx(float(acts[-1]), rel=1e-4)
+                assert s["activation"] == pytest.approx(float(acts[r - a]), rel=1e-4)
             n += 1
     return n
 
@@ -181,13 +230,21 @@ def run_chromium(url: str, profile: Path, *extra: str) -> str:
 
 
 class PageParser(HTMLParser):
-    """Collects the feature list and the rendered contexts of the dumped DOM."""
+    """Collects from the dumped DOM: the feature list, the rendered contexts (text before and at the
+    activating token, the text after it), whitespace tokens, the stat cards, the logit tokens, the
+    axis ticks of each chart and the text of elements with an id."""
 
     def __init__(self):
         super().__init__()
         self.list_ids: list[int] = []
         self.contexts: list[dict] = []
-        self.stack: list[tuple[str, set[str]]] = []
+        self.ws: list[tuple[str, str]] = []          # (shown text, title) of whitespace tokens
+        self.stats: dict[str, str] = {}
+        self.logits: list[tuple[str, str]] = []      # (pos / neg, token)
+        self.ticks: dict[str, dict[str, int]] = {}       # svg id -> {"x": ticks on x, "y": ticks on y}
+        self.tick_labels: dict[str, list[str]] = {}
+        self.by_id: dict[str, str] = {}
+        self.stack: list[tuple[str, set[str], dict]] = []
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -196,19 +253,67 @@ class PageParser(HTMLParser):
             self.list_ids.append(int(a["data-id"]))
         if "ctx" in cls:
             self.contexts.append({"row": int(a["data-row"]), "kind": a["data-kind"], "text": "", "hit": "",
-                                  "feature": int(a["data-feature"])})
-        self.stack.append((tag, cls))
+                                  "after": "", "feature": int(a["data-feature"])})
+        if "tok" in cls and "ws" in cls:
+            self.ws.append(("", a.get("title", "")))
+        if "logit" in cls:
+            self.logits.append(("pos" if "pos" in cls else "neg", a["data-token"]))
+        if "tick" in cls:
+            svg = next((x["id"] for t, _, x in reversed(self.stack) if t == "svg"), None)
+            axis = "x" if a["x1"] == a["x2"] else "y"               # an x-axis tick is a vertical stroke
+            self.ticks.setdefault(svg, {"x": 0, "y": 0})[axis] += 1
+        if "ticklabel" in cls:
+            svg = next((x["id"] for t, _, x in reversed(self.stack) if t == "svg"), None)
+            self.tick_labels.setdefault(svg, []).append("")
+        if a.get("id"):
+            self.by_id.setdefault(a["id"], "")
+        self.stack.append((tag, cls, a))
 
     def handle_endtag(self, tag):
         while self.stack and self.stack.pop()[0] != tag:
             pass
 
     def handle_data(self, data):
-        classes = set().union(*(c for _, c in self.stack)) if self.stack else set()
+        classes = set().union(*(c for _, c, _ in self.stack)) if self.stack else set()
         if "text" in classes and self.contexts:
-            self.contexts[-1]["text"] += data
+            self.contexts[-1]["after" if "after" in classes else "text"] += data
             if "hit" in classes:
                 self.contexts[-1]["hit"] += data
+        if "ws" in classes and "tok" in classes and self.ws:
+            self.ws[-1] = (self.ws[-1][0] + data, self.ws[-1][1])
+        if "ticklabel" in classes:
+            svg = next((x["id"] for t, _, x in reversed(self.stack) if t == "svg"), None)
+            self.tick_labels[svg][-1] += data
+        stat = next((x["data-stat"] for _, c, x in self.stack if "data-stat" in x), None)
+        if stat and "v" in classes:
+            self.stats[stat] = self.stats.get(stat, "") + data
+        for _, _, x in self.stack:
+            if x.get("id") in self.by_id:
+                self.by_id[x["id"]] += data
+
+
+def shown(t: str) -> str:
+    """How the page shows a token: whitespace-only tokens mark every character, others only breaks."""
+    if t.strip() == "":
+        return t.replace("\r", "").replace(" ", "\u00b7").replace("\n", "\u21b5").replace("\t", "\u2192")
+    return t.replace("\r\n", "\u21b5").replace("\n", "\u21b5").replace("\t", "\u2192")
+
+
+def readable_density(x: float) -> str:
+    """The page's density format, written again: percent from 0.1% up, else "1 in N" (3 digits, k/M)."""
+    if x >= 1e-3:
+        return f"{100 * x:.2f}%"
+    n = float(f"{1 / x:.3g}")
+    for unit, size in (("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"1 in {float(f'{n / size:.3g}'):g}{unit}"
+    return f"1 in {n:g}"
+
+
+def selective_order(records: dict[int, dict]) -> list[int]:
+    """The default sort (docs/samples.md): density <= 1% and >= 10 fires first, each part by max activation."""
+    ok = lambda r: r["density"] <= 0.01 and r["fires"] >= 10        # noqa: E731
+    return sorted(records, key=lambda i: (not ok(records[i]), -records[i]["max_activation"], i))
 
 
 @pytest.mark.browser
@@ -224,16 +329,18 @@ def test_html_browser_renders_the_samples(trained_run, tmp_path):
     dom = run_chromium(url, tmp_path / "profile", "--dump-dom")
     parsed = PageParser()
     parsed.feed(dom)
-    # the list: every exported feature, sorted by density (the default), highest first
-    by_density = sorted(records, key=lambda i: (-records[i]["density"], i))
-    assert parsed.list_ids == by_density
-    # the feature's contexts: same rows, text and highlighted token as the JSON
-    shown = lambda t: t.replace("\n", "\u21b5").replace("\t", "\u2192")   # noqa: E731  (how the page shows breaks)
+    # the list: every exported feature, in the default (selective) order
+    assert parsed.list_ids == selective_order(records)
+    # the feature's contexts: same rows, text, highlighted token and text after as the JSON
     top = [c for c in parsed.contexts if c["kind"] == "top"]
     assert [c["feature"] for c in parsed.contexts] == [f] * len(parsed.contexts)
     assert [c["row"] for c in top] == [s["row"] for s in records[f]["top"]]
     for c, s in zip(top, records[f]["top"]):
-        assert c["text"] == shown(s["text"]) and c["hit"] == shown(s["token"])
+        assert c["text"] == "".join(map(shown, s["tokens"])) and c["hit"] == shown(s["token"])
+        assert c["after"] == "".join(map(shown, s["after_tokens"]))
+    assert any(c["after"] for c in top)
+    # the store names no model this machine has: the page says the logit effects were left out
+    assert "left out" in parsed.by_id["logits-absent"] and not parsed.logits
     expected_iv = [s["row"] for iv in reversed(records[f]["intervals"]) for s in iv["samples"]]
     assert [c["row"] for c in parsed.contexts if c["kind"] == "interval"] == expected_iv
     assert f"Feature {f}" in dom and 'id="hist"' in dom
@@ -244,3 +351,153 @@ def test_html_browser_renders_the_samples(trained_run, tmp_path):
     shot.unlink(missing_ok=True)
     run_chromium(url, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1400,1000")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+# ----------------------------------------------------------------------------- logit effects, groups, overview
+
+def test_logit_effects_match_the_model(tiny_run, tiny_model_with_norm, tmp_path):
+    """Stored top tokens = an independent computation with the model's own modules: the final norm's
+    forward times the direction's RMS (which leaves direction * norm scale), then lm_head, over the
+    whole vocabulary, sorted."""
+    index, records = export_json(tiny_run, tmp_path / "json", model="tiny")
+    assert index["logit_effects"]["available"] and index["logit_effects"]["tokens"] == 10
+    hf = tiny_model_with_norm
+    tc = Transcoder.load(tiny_run / "transcoder.safetensors")
+    from pipeline.models import tiny_tokenizer, vocab_strings
+    vocab = vocab_strings(tiny_tokenizer())
+    feats = sorted(records)
+    with torch.no_grad():
+        d = tc.W_dec[feats] * tc.target_scale                              # raw target units
+        rms = torch.sqrt(d.pow(2).mean(-1, keepdim=True) + hf.model.norm.eps)
+        logits = hf.lm_head(hf.model.norm(d) * rms).numpy()              # (n, vocab)
+    for j, f in enumerate(feats):
+        got = records[f]["logit_effects"]
+        order = np.argsort(-logits[j], kind="stable")
+        for side, ids in (("positive", order[:10]), ("negative", order[::-1][:10])):
+            assert [e["token_id"] for e in got[side]] == ids.tolist(), (f, side)
+            np.testing.assert_allclose([e["value"] for e in got[side]], logits[j, ids], rtol=1e-3,
+                                       atol=1e-5)
+            assert [e["token"] for e in got[side]] == [vocab[i] for i in ids]
+
+
+def test_logit_effects_left_out_when_the_model_is_not_there(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    index, records = export_json(run, tmp_path / "json")                 # the store's model: "synthetic"
+    said = [line for line in capsys.readouterr().out.splitlines() if "logit effects" in line]
+    assert len(said) == 1 and "left out" in said[0] and "synthetic" in said[0]
+    assert index["logit_effects"]["available"] is False and "synthetic" in index["logit_effects"]["reason"]
+    assert all(r["logit_effects"] is None for r in records.values())
+    index, _ = export_json(run, tmp_path / "off", logit_tokens=0)
+    assert "--logit-tokens 0" in index["logit_effects"]["reason"]
+
+
+def test_groups_and_density_overview(tiny_run, tmp_path):
+    index, records = export_json(tiny_run, tmp_path / "json", logit_tokens=0)
+    groups = json.loads((tiny_run / "config.json").read_text())["groups"]
+    assert index["groups"] == groups
+    s = load_samples(tiny_run)
+    for f, rec in records.items():
+        g = sum(f >= b for b in np.cumsum(groups))                     # boundaries at or below f
+        assert rec["group"] == {"index": g, "start": sum(groups[:g]), "end": sum(groups[:g + 1]),
+                                "count": len(groups)}
+    h = index["density_histogram"]
+    assert h["dead"] == int((s.fires == 0).sum()) > 0 and index["dead_ids"] == np.flatnonzero(s.fires == 0).tolist()
+    assert sum(h["counts"]) == int((s.fires > 0).sum())
+    logs = np.log10(s.density()[s.fires > 0])
+    assert h["log10_edges"][0] <= logs.min() and logs.max() <= h["log10_edges"][-1]
+    assert h["counts"] == np.histogram(logs, bins=h["log10_edges"])[0].tolist()
+
+
+def test_text_after_stays_in_its_sequence_and_document():
+    from pipeline.contexts import context_ends
+
+    flags = np.zeros(40, dtype=np.uint8)
+    flags[[0, 16, 32, 21]] = FLAG_BOS                                # sequences of 16, a document starts at 21
+    rows = np.array([3, 14, 15, 19, 20, 30, 38, 39])
+    assert context_ends(rows, flags, 16, 4).tolist() == [7, 15, 15, 20, 20, 31, 39, 39]
+    assert context_ends(rows, flags, 16, 0).tolist() == rows.tolist()
+
+
+def test_export_rejects_negative_after(trained_run, tmp_path):
+    run, _ = trained_run
+    for kw, name in ((dict(after=-1), "--after"), (dict(logit_tokens=-2), "--logit-tokens")):
+        with pytest.raises(UserError, match=name) as e:
+            run_export(ExportConfig(run=str(run), out=str(tmp_path / "x"), **kw))
+        assert "\n" not in str(e.value)
+
+
+WHITESPACE = {5: " ", 6: "\n", 7: "\t", 8: "  "}     # token ids the browser test gives whitespace texts
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(chromium() is None, reason="needs headless Chromium (Debian package `chromium`)")
+def test_html_feature_page(tiny_run, tiny_model_with_norm, tmp_path, monkeypatch):
+    """The page a researcher expects: the default order, logit effects, text after, the group, the
+    density overview, axis ticks, visible whitespace, a dead feature searched for, a tiny density."""
+    real_vocab = Store.vocab
+    monkeypatch.setattr(Store, "vocab", lambda self: [WHITESPACE.get(i, t) for i, t in enumerate(real_vocab(self))])
+    _, records = export_json(tiny_run, tmp_path / "json", model="tiny")
+    page = run_export(ExportConfig(run=str(tiny_run), out=str(tmp_path / "html"), context=CONTEXT, device="cpu",
+                                   model="tiny"))
+    uri = page.resolve().as_uri()
+
+    def render(suffix: str, name: str) -> tuple[PageParser, str]:
+        dom = run_chromium(uri + suffix, tmp_path / f"profile_{name}", "--dump-dom")
+        parsed = PageParser()
+        parsed.feed(dom)
+        return parsed, dom
+
+    # opened plainly: the default order, and the first feature shown obeys the rule, not the densest one
+    opened, _ = render("", "plain")
+    order = selective_order(records)
+    assert opened.list_ids == order[:300]
+    first = records[order[0]]
+    assert first["density"] <= 0.01 and first["fires"] >= 10
+    assert order[0] != max(records, key=lambda i: records[i]["density"])
+    assert opened.contexts and {c["feature"] for c in opened.contexts} == {order[0]}
+    ticks = opened.ticks["density-overview"]
+    assert ticks["x"] >= 3 and ticks["y"] >= 2 and "dead" in opened.by_id["overview"]
+    decades = opened.tick_labels["density-overview"][:ticks["x"]]          # x labels come first: 10⁻⁴ ...
+    assert all(t.startswith("10") for t in decades)
+
+    # a feature whose contexts hold whitespace tokens
+    def raw_tokens(rec):
+        return {t for s in all_samples(rec) for t in s["tokens"] + s["after_tokens"]}
+    f = next(i for i in order if raw_tokens(records[i]) & set(WHITESPACE.values()))
+    parsed, _ = render(f"#f{f}", "feature")
+    rec = records[f]
+    effects = rec["logit_effects"]
+    assert parsed.logits == [("pos", e["token"]) for e in effects["positive"]] + \
+        [("neg", e["token"]) for e in effects["negative"]]
+    assert parsed.stats["group"] == f"{rec['group']['index'] + 1} of 3"
+    ticks = parsed.ticks["hist"]
+    assert ticks["x"] >= 3 and ticks["y"] >= 2
+    x_labels = [float(t) for t in parsed.tick_labels["hist"][:ticks["x"]]]
+    assert x_labels == sorted(x_labels) and 0 <= x_labels[0] and x_labels[-1] <= rec["max_activation"]
+    top = [c for c in parsed.contexts if c["kind"] == "top"]
+    for c, s in zip(top, rec["top"]):
+        assert c["after"] == "".join(map(shown, s["after_tokens"]))
+    assert any(c["after"] for c in top)
+    seen = {json.loads(re.search(r'· (".*") · activation', title).group(1)): text for text, title in parsed.ws}
+    assert set(seen) == raw_tokens(rec) & set(WHITESPACE.values())
+    for raw, text in seen.items():
+        assert text == shown(raw) and text.strip() and set(text) <= set("\u00b7\u21b5\u2192")
+    artifacts = REPO / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shot = artifacts / "samples_browser_feature.png"
+    shot.unlink(missing_ok=True)
+    run_chromium(uri + f"#f{f}", tmp_path / "profile_feature", f"--screenshot={shot}", "--window-size=1400,1100")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the rarest feature: its density reads "1 in N", in the card and in the list
+    rare = min(records, key=lambda i: (records[i]["density"], i))
+    assert records[rare]["density"] < 1e-3
+    parsed, dom = render(f"#f{rare}", "rare")
+    assert parsed.stats["density"] == readable_density(records[rare]["density"])
+    assert parsed.stats["density"].startswith("1 in ") and "e-" not in parsed.stats["density"]
+
+    # a dead feature searched for: the list and the page say it is dead
+    dead = int(np.flatnonzero(load_samples(tiny_run).fires == 0)[0])
+    parsed, _ = render(f"?q=%23{dead}", "dead")
+    assert "dead" in parsed.by_id["searched-absent"]
+    assert f"Feature {dead} is dead" in parsed.by_id["absent"]
