@@ -110,8 +110,8 @@ def context_activations(tc: Transcoder, store: Store, starts: np.ndarray, rows: 
     bounds = np.searchsorted(chunk_of, np.arange(chunk_of.max() + 2))   # rows of chunk c: bounds[c]..bounds[c+1]
     chunks = np.unique(chunk_of)
     for c in tqdm(chunks, desc="context activations", unit="chunk", disable=len(chunks) < 4):
-        a, b = store.chunk_range(int(c))
-        source = store.source[a:b]                                         # whole chunk, (n, d) fp16
+        a = store.chunk_range(int(c))[0]
+        source = store.read_chunk(int(c)).source                           # whole chunk, checked, (n, d) fp16
         for u0 in range(bounds[c], bounds[c + 1], batch_size):
             u1 = min(u0 + batch_size, bounds[c + 1])
             acts = tc.encode_rows(source[uniq[u0:u1] - a])                 # (u1 - u0, F)
