@@ -235,7 +235,7 @@ def check_free_space(path: str | Path, need: int, what: str, fix: str) -> None:
     """Refuse, in one line, work whose output the filesystem at `path` cannot hold."""
     free = free_bytes(path)
     if need * DISK_MARGIN > free:
-        raise UserError(f"{what} needs about {human_bytes(need)} but {Path(path)} has {human_bytes(free)} free: "
+        raise UserError(f"{what} needs about {human_bytes(need)} but its filesystem has {human_bytes(free)} free: "
                         f"{fix}")
 
 
