@@ -7,13 +7,25 @@ eval reports. The "separate" path is the code `tc eval` ran before the shared pa
 (score_batch and position_losses, unchanged), with its own default batch size.
 
     python bench/bench_eval.py --run data/demo/run --repeats 3 [--threads 1] [--json out.json]
+
+With --whole OLD_SRC (a copy of the older code: `git archive main pipeline cli.py | tar -x -C
+OLD_SRC`), it instead runs the whole `tc eval` command as a subprocess, alternating the older code
+and this checkout, each on its own copy of the run folder (eval writes eval.json into it), and
+reports each one's seconds, user CPU seconds and when its output first appeared and each phase
+began (the first line of each status or bar).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -43,6 +55,57 @@ def timed(fn):
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
+PHASES = ("eval: loading model", "eval: store rows", "eval: packing held-out text", "eval: skip the store's text",
+          "eval: LM loss")
+
+
+def run_cli(src: str, run: str, tokens: int, threads: int | None) -> dict:
+    """One `tc eval` subprocess with PYTHONPATH=src: seconds, user CPU, when output first came and each phase began."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench_eval."))
+    shutil.copytree(run, tmp / "run", ignore=shutil.ignore_patterns("export", "samples", "activation_samples",
+                                                                   "checkpoints"))
+    env = {**os.environ, "PYTHONPATH": src}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-c", "import sys, cli; sys.argv[0] = 'tc'; sys.exit(cli.main())", "eval",
+           "--run", str(tmp / "run"), "--tokens", str(tokens), "--device", "cpu"]
+    start, before = time.perf_counter(), os.times()
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    first, phases, buf = None, {}, b""
+    while chunk := proc.stderr.read1(4096):
+        now = time.perf_counter() - start
+        first = first if first is not None else now
+        buf += chunk
+        text = buf.decode(errors="replace")
+        for name in PHASES:
+            if name not in phases and name in text:
+                phases[name] = now
+    proc.wait()
+    after = os.times()
+    shutil.rmtree(tmp, ignore_errors=True)
+    if proc.returncode:
+        raise SystemExit(f"tc eval failed ({src}): {buf.decode(errors='replace')[-2000:]}")
+    return {"seconds": time.perf_counter() - start, "user_cpu_s": after.children_user - before.children_user,
+            "first_output_s": first, "phase_start_s": phases}
+
+
+def whole(args) -> None:
+    here = str(Path(__file__).resolve().parents[1])
+    runs: dict[str, list[dict]] = {"old": [], "new": []}
+    for i in range(args.repeats):
+        for name, src in (("old", args.whole), ("new", here)):
+            r = run_cli(src, args.run, args.tokens, args.threads)
+            runs[name].append(r)
+            print(f"repeat {i + 1} {name}: {r['seconds']:.1f} s, user cpu {r['user_cpu_s']:.1f} s, first output "
+                  f"{r['first_output_s']:.1f} s, phases " + ", ".join(f"{k!r} {v:.1f}" for k, v in r["phase_start_s"].items()),
+                  flush=True)
+    ratios = [a["seconds"] / b["seconds"] for a, b in zip(runs["old"], runs["new"])]
+    print(f"old / new, whole tc eval: {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"runs": runs, "ratios": ratios}, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", default="data/demo/run")
@@ -50,7 +113,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--whole", default=None, metavar="OLD_SRC", help="time the whole `tc eval` against the code in OLD_SRC")
     args = ap.parse_args()
+    if args.whole:
+        return whole(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     from pipeline.models import load_model

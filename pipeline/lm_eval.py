@@ -38,6 +38,7 @@ SCORE_CHUNK = 128               # positions per CE/KL chunk: bounds the float32 
 # given, and logits elements per scoring chunk (all passes together; 256 MB in float32).
 FORWARD_POSITIONS = 4096
 SCORE_ELEMENTS = 64 * 2 ** 20
+SCORE_SUB = 2                   # positions per CE/KL step within a chunk (its scratch fits the CPU cache)
 
 
 def fraction_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> float | None:
@@ -284,14 +285,17 @@ def stacked_losses(model: Any, final: torch.Tensor, tokens: torch.Tensor, mask: 
     targets = tokens[b_idx, t_idx + 1]
     h = final[:, b_idx, t_idx]                                                      # (P, N, d)
     n = max(1, SCORE_ELEMENTS // (len(final) * int(model.cfg.d_vocab)))
-    ce, kl, work = [], [], None
+    ce, kl = [], []
+    work = final.new_empty(len(final), SCORE_SUB, int(model.cfg.d_vocab), dtype=torch.float32)
     for a in range(0, len(targets), n):
         logits = unembed_logits(model, h[:, a:a + n])                               # (P, n, V)
-        if work is None or work.shape != logits.shape:
-            work = torch.empty_like(logits)
-        c, k = chunk_losses(logits, targets[a:a + n], work)
-        ce.append(c)
-        kl.append(k)
+        # The unembedding runs on n positions (a large matmul is efficient); the losses on
+        # SCORE_SUB at a time, whose scratch stays in the CPU cache: twice as fast on the demo.
+        for b in range(0, logits.shape[1], SCORE_SUB):
+            part = logits[:, b:b + SCORE_SUB]
+            c, k = chunk_losses(part, targets[a + b:a + b + part.shape[1]], work[:, :part.shape[1]])
+            ce.append(c)
+            kl.append(k)
     if not ce:
         return final.new_zeros(len(final), 0), final.new_zeros(len(final) - 1, 0)
     return torch.cat(ce, dim=1), torch.cat(kl, dim=1)
