@@ -204,8 +204,10 @@ def test_unembed_logits_equal_the_models_own_logits(tiny):
     with torch.no_grad():
         want = tiny.model.run_with_hooks(tokens, fwd_hooks=[("unembed.hook_in", grab)], return_type="logits")
         got = lm_eval.unembed_logits(tiny.model, seen["h"])
+        into = lm_eval.unembed_logits(tiny.model, seen["h"], out=torch.empty(want.shape))   # the one-matmul path
     assert tiny.model.original_model.config.final_logit_softcapping == 30.0
     torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(into, want.float(), rtol=1e-6, atol=1e-6)
 
 
 def test_chunk_losses_equal_position_losses():
