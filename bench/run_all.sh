@@ -5,7 +5,7 @@ set -u
 cd "$(dirname "$0")/.."
 out=data/bench
 mkdir -p "$out"
-all="cache_tiny cache_g3 train samples quality peers outliers dead_latents transcoders"
+all="cache_tiny cache_g3 train samples quality peers outliers dead_latents transcoders eval"
 demo_store=data/demo/gemma-3-270m_l6.zarr              # made by `tc demo`
 licences=data/bench/g3-l6-licenses.zarr                # another text, for held-out rows
 held_out() {   # the licence texts of /usr/share/common-licenses as .txt files, cached once
@@ -27,6 +27,7 @@ for name in ${@:-$all}; do
     dead_latents) held_out && python bench/dead_latents.py --train-store $demo_store --held-out-store $licences ;;
     transcoders) held_out && python bench/peers/transcoders.py --train-store $demo_store --heldout-store $licences \
                    --steps 300 --json $out/transcoders.json ;;
+    eval)       python bench/bench_eval.py --run data/demo/run --repeats 2 --threads 1 --json $out/eval.json ;;
   esac 2>"$out/$name.stderr" | tee "$out/$name.txt"
 done
 echo "=== done $(date +%T)"

@@ -10,6 +10,7 @@ This module is the command: its config, the checks, which text and model to use,
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -143,6 +144,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     lm = None
     if cfg.lm_loss:   # load the model first: an unloadable model should fail before minutes of work
         spec = cfg.model or train_store.attrs.get("model")
+        status(f"eval: loading model {spec} on {device}", progress)
         lm = load_eval_model(spec, store, device, model_dtype(cfg.dtype, device))
         result["model"] = spec
     rows = row_metrics(transcoder, store, cfg.rows, device, cfg.dense_threshold, cfg.include_bos, progress=progress)
@@ -167,14 +169,16 @@ def lm_section(cfg: EvalConfig, store: Store, hooks: dict[str, str], lm: Any, tr
     spec, same = text_source(cfg, store)
     seq_len = cfg.seq_len or store.seq_len
     n_seqs = -(-cfg.tokens // seq_len)
+    status(f"eval: packing held-out text from {spec['dataset']}"
+           + (" (after re-reading the store's text)" if same else ""), progress)
     docs = iter_documents(spec["dataset"], split=spec["split"], config=spec["dataset_config"],
                           text_column=spec["text_column"])
     seqs, info = lm_eval.held_out_sequences(docs, lm.tokenizer, lm.bos_id, seq_len, n_seqs,
                                     store if same else None, progress)
     if len(seqs) < n_seqs:
         print(f"note: the held-out text ran out: evaluating on {seqs.size:,} of the {n_seqs * seq_len:,} tokens asked for")
-    batch = cfg.batch_size or lm_eval.auto_batch_size(seq_len, lm.vocab_size)
     replacements = {"spliced": lm_eval.transcoder_replacement(transcoder), "zero": lm_eval.zero_replacement}
+    batch = cfg.batch_size or lm_eval.shared_batch_size(seq_len, 1 + len(replacements))
     losses = lm_eval.lm_losses(lm.model, seqs, hooks["source"], hooks["target"], replacements,
                        lm.bos_id, cfg.include_bos, batch, lm.device, progress)
     out = lm_eval.splice_report(losses)
@@ -185,6 +189,12 @@ def lm_section(cfg: EvalConfig, store: Store, hooks: dict[str, str], lm: Any, tr
 
 
 # ============================================================================ output
+
+def status(line: str, progress: bool) -> None:
+    """A one-line status at the start of a phase that has no bar of its own yet (on stderr, beside the bars)."""
+    if progress:
+        print(line, file=sys.stderr, flush=True)
+
 
 def format_table(result: dict[str, Any]) -> str:
     """The terminal summary."""

@@ -2,14 +2,21 @@
 measure next-token loss on held-out text (method in docs/eval.md).
 
 Passes over the same tokens: clean, and once per replacement (the transcoder's prediction,
-zero-ablation); per scored position the CE and KL(clean || replaced), summed in float64. The
-held-out text: when it is the store's own text source, the store's sequences are re-packed from
+zero-ablation); per scored position the CE and KL(clean || replaced), summed in float64.
+
+Two ways to run them, with the same numbers to float tolerance (tests/test_evaluate.py):
+``shared`` (the default) runs the blocks before the spliced layer once, stacks the passes into
+one batch for the rest, stops before the unembedding and computes logits, CE and KL a few
+positions at a time, so no (B, T, vocab) tensor is ever held; ``separate`` is the plain
+reference, three full forwards with the model's own logits. The held-out text: when it is the store's own text source, the store's sequences are re-packed from
 the same deterministic stream (and checked token for token against the store), every document
 they touched is skipped, and evaluation starts at the next untouched document.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator
 
@@ -27,6 +34,11 @@ Replacement = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 LOGITS_BUDGET = 128 * 2 ** 20   # logits elements per forward batch when --batch-size is not given (512 MB fp32)
 SCORE_CHUNK = 128               # positions per CE/KL chunk: bounds the float32 (chunk, vocab) temporaries
+# The shared path: positions per stacked forward (all passes together) when --batch-size is not
+# given, and logits elements per scoring chunk (all passes together; 256 MB in float32).
+FORWARD_POSITIONS = 4096
+SCORE_ELEMENTS = 64 * 2 ** 20
+SCORE_SUB = 2                   # positions per CE/KL step within a chunk (its scratch fits the CPU cache)
 
 
 def fraction_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> float | None:
@@ -168,15 +180,189 @@ def score_batch(model: Any, tokens: torch.Tensor, source_hook: str, target_hook:
         totals.setdefault(name, LossTotals()).add(ce, kl, ce_clean)
 
 
+class _Done(Exception):
+    """Raised from the hook before the unembedding: the shared path makes its logits itself."""
+
+
+def splice_layer(source_hook: str, target_hook: str) -> int | None:
+    """The block both hooks belong to ('blocks.6.hook_resid_mid' -> 6), or None if they differ."""
+    layers = {m.group(1) for m in (re.match(r"blocks\.(\d+)\.", h) for h in (source_hook, target_hook)) if m}
+    both = all(h.startswith("blocks.") for h in (source_hook, target_hook))
+    return int(layers.pop()) if both and len(layers) == 1 else None
+
+
+def _pass_through(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return hidden_states
+
+
+@contextlib.contextmanager
+def skipped_blocks(model: Any, n: int) -> Iterator[None]:
+    """Blocks 0..n-1 return their input unchanged while inside.
+
+    The bridge's start_at_layer feeds the residual in at block n but still runs the blocks
+    before it (and throws their output away); skipping them is what makes the prefix shared.
+    """
+    layers = [block.original_component for block in model.blocks[:n]]
+    for layer in layers:
+        layer.forward = _pass_through
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def stacked_hooks(source_hook: str, target_hook: str, replaces: list[Replacement], batch: int,
+                  keep_clean: torch.Tensor | None, final: dict[str, torch.Tensor]) -> list[tuple[str, Callable]]:
+    """Hooks for the stacked forward: rows [0, batch) stay clean, rows [(p+1) batch, (p+2) batch)
+    get replaces[p]; the residual entering the unembedding goes to final["h"] and ends the forward."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def read_source(tensor: torch.Tensor, hook: Any) -> None:
+        seen["source"] = tensor
+
+    def write_target(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
+        parts = [tensor[:batch]]
+        for p, replace in enumerate(replaces, start=1):
+            rows = slice(p * batch, (p + 1) * batch)
+            new = replace(seen["source"][rows], tensor[rows]).to(dtype=tensor.dtype, device=tensor.device)
+            if new.shape != tensor[rows].shape:
+                raise RuntimeError(f"the replacement returned shape {tuple(new.shape)}, expected {tuple(tensor[rows].shape)}")
+            parts.append(new)
+        out = torch.cat(parts)
+        if keep_clean is not None:
+            out = torch.where(keep_clean.repeat(len(parts), 1)[..., None], tensor, out)
+        return out
+
+    def stop(tensor: torch.Tensor, hook: Any) -> None:
+        final["h"] = tensor
+        raise _Done
+
+    return [(source_hook, read_source), (target_hook, write_target), ("unembed.hook_in", stop)]
+
+
+def unembed_logits(model: Any, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's logits (…, V) float32 from h (…, d), the residual entering its unembedding.
+
+    A plain Linear unembedding is one matmul into `out` when given (a reused buffer: a fresh one
+    this size costs page faults, about 15% of the matmul on the demo). The final softcap (Gemma 2)
+    is applied by the Hugging Face model after its unembedding, so it is repeated here; a test
+    checks these logits against the model's own.
+    """
+    linear = getattr(model.unembed, "original_component", None)
+    if isinstance(linear, torch.nn.Linear) and out is not None and out.dtype == h.dtype:
+        flat = torch.mm(h.reshape(-1, h.shape[-1]), linear.weight.T, out=out.view(-1, out.shape[-1]))
+        if linear.bias is not None and bool(linear.bias.any()):
+            flat += linear.bias
+        logits = out.float()
+    else:
+        logits = model.unembed(h).float()
+    config = getattr(getattr(model, "original_model", None), "config", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = logits.div_(cap).tanh_().mul_(cap)      # in place, in the order Hugging Face applies it
+    return logits
+
+
+def chunk_losses(logits: torch.Tensor, targets: torch.Tensor,
+                 work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (P, n, V) float32, pass 0 clean; targets (n,). CE (P, n), KL(clean || pass p) (P-1, n).
+
+    The formulas of position_losses: CE = lse - l[target], KL = sum_v p_clean (l_clean - l)
+    - lse_clean + lse. One (P, n, V) scratch buffer (`work`, reused across chunks: fresh
+    buffers of this size cost page faults) holds exp(l - max), whose clean row becomes the
+    clean probabilities and whose next row then holds l_clean - l.
+    """
+    top = logits.amax(dim=-1, keepdim=True)                                         # (P, n, 1)
+    ex = torch.sub(logits, top, out=work).exp_()
+    total = ex.sum(dim=-1)                                                          # (P, n)
+    lse = top.squeeze(-1) + total.log()
+    ce = lse - logits.gather(2, targets.expand(len(logits), -1)[..., None]).squeeze(2)
+    p_clean = ex[0].div_(total[0, :, None])                                         # (n, V)
+    kl = []
+    for p in range(1, len(logits)):
+        diff = torch.sub(logits[0], logits[p], out=ex[1])                           # ex[1:] is free now
+        kl.append((torch.linalg.vecdot(p_clean, diff) - lse[0] + lse[p]).clamp_min(0.0))
+    return ce, torch.stack(kl) if kl else ce[:0]
+
+
+def stacked_losses(model: Any, final: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """CE (P, N) and KL (P-1, N) at the N scored positions from final (P, B, T, d), the residual
+    entering the unembedding per pass; logits are made SCORE_ELEMENTS at a time, only where scored."""
+    b_idx, t_idx = mask.nonzero(as_tuple=True)
+    targets = tokens[b_idx, t_idx + 1]
+    h = final[:, b_idx, t_idx]                                                      # (P, N, d)
+    n = max(1, SCORE_ELEMENTS // (len(final) * int(model.cfg.d_vocab)))
+    ce, kl = [], []
+    work = final.new_empty(len(final), SCORE_SUB, int(model.cfg.d_vocab), dtype=torch.float32)
+    buffer = h.new_empty(len(final) * n, int(model.cfg.d_vocab))                   # reused by every chunk
+    for a in range(0, len(targets), n):
+        part = h[:, a:a + n]
+        out = buffer[:part.shape[0] * part.shape[1]].view(*part.shape[:2], -1)
+        logits = unembed_logits(model, part, out)                                   # (P, n, V)
+        # The unembedding runs on n positions (a large matmul is efficient); the losses on
+        # SCORE_SUB at a time, whose scratch stays in the CPU cache: twice as fast on the demo.
+        for b in range(0, logits.shape[1], SCORE_SUB):
+            sub = logits[:, b:b + SCORE_SUB]
+            c, k = chunk_losses(sub, targets[a + b:a + b + sub.shape[1]], work[:, :sub.shape[1]])
+            ce.append(c)
+            kl.append(k)
+    if not ce:
+        return final.new_zeros(len(final), 0), final.new_zeros(len(final) - 1, 0)
+    return torch.cat(ce, dim=1), torch.cat(kl, dim=1)
+
+
+@torch.no_grad()
+def score_batch_shared(model: Any, tokens: torch.Tensor, layer: int, source_hook: str, target_hook: str,
+                       replacements: dict[str, Replacement], bos_id: int, include_bos: bool,
+                       totals: dict[str, LossTotals]) -> None:
+    """score_batch's numbers, with the blocks before `layer` run once for every pass.
+
+    Those blocks see only the tokens, so their output is the same in every pass; from block
+    `layer` on the passes are stacked into one batch of (1 + len(replacements)) * B rows.
+    """
+    names = list(replacements)
+    B, T = tokens.shape
+    mask = score_mask(tokens, bos_id, include_bos)
+    keep_clean = None if include_bos else tokens == bos_id
+    resid = model(tokens, stop_at_layer=layer)                        # (B, T, d): the input of block `layer`
+    stacked = resid.repeat(1 + len(names), 1, 1)                      # (P*B, T, d)
+    final: dict[str, torch.Tensor] = {}
+    hooks = stacked_hooks(source_hook, target_hook, [replacements[n] for n in names], B, keep_clean, final)
+    with skipped_blocks(model, layer):
+        try:
+            model.run_with_hooks(stacked, start_at_layer=layer, fwd_hooks=hooks, return_type=None)
+        except _Done:
+            pass
+    if "h" not in final:
+        raise RuntimeError("the forward ended without reaching unembed.hook_in")
+    ce, kl = stacked_losses(model, final["h"].view(1 + len(names), B, T, -1), tokens, mask)
+    totals.setdefault("clean", LossTotals()).add(ce[0], torch.zeros_like(ce[0]), ce[0])
+    for p, name in enumerate(names):
+        totals.setdefault(name, LossTotals()).add(ce[p + 1], kl[p], ce[0])
+
+
 def lm_losses(model: Any, sequences: np.ndarray, source_hook: str, target_hook: str,
               replacements: dict[str, Replacement], bos_id: int, include_bos: bool, batch_size: int,
-              device: str, progress: bool = True) -> dict[str, dict[str, float]]:
-    """Mean CE, KL from clean and CE increase per replacement over `sequences` (n, T) int64."""
+              device: str, progress: bool = True, method: str = "shared") -> dict[str, dict[str, float]]:
+    """Mean CE, KL from clean and CE increase per replacement over `sequences` (n, T) int64.
+
+    method "shared" (one prefix, stacked passes, chunked logits) or "separate" (the reference:
+    a full forward per pass). Hooks outside one block fall back to "separate".
+    """
+    layer = splice_layer(source_hook, target_hook)
+    if method not in ("shared", "separate"):
+        raise ValueError(f"unknown method {method!r}")
     totals: dict[str, LossTotals] = {}
     bar = tqdm(total=sequences.size, unit="tok", unit_scale=True, desc="eval: LM loss", disable=not progress)
     for a in range(0, len(sequences), batch_size):
         batch = torch.from_numpy(sequences[a:a + batch_size]).long().to(device)
-        score_batch(model, batch, source_hook, target_hook, replacements, bos_id, include_bos, totals)
+        if method == "shared" and layer is not None:
+            score_batch_shared(model, batch, layer, source_hook, target_hook, replacements, bos_id, include_bos,
+                               totals)
+        else:
+            score_batch(model, batch, source_hook, target_hook, replacements, bos_id, include_bos, totals)
         bar.update(batch.numel())
     bar.close()
     out = {name: t.summary() for name, t in totals.items()}
@@ -255,4 +441,10 @@ def pack_sequences_lazy(docs: Iterable[str], tokenizer: Any, seq_len: int, bos_i
 
 
 def auto_batch_size(seq_len: int, vocab: int) -> int:
+    """Sequences per batch for the separate path: one batch's logits near LOGITS_BUDGET elements."""
     return max(1, min(64, LOGITS_BUDGET // max(seq_len * vocab, 1)))
+
+
+def shared_batch_size(seq_len: int, n_passes: int) -> int:
+    """Sequences per batch for the shared path: FORWARD_POSITIONS positions in the stacked forward."""
+    return max(1, min(64, FORWARD_POSITIONS // max(seq_len * n_passes, 1)))

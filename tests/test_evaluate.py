@@ -144,6 +144,88 @@ def test_bos_positions_keep_the_clean_mlp_output_unless_include_bos(tiny):
     assert run(True)["ruin"]["kl"] > 1e-3
 
 
+# ----------------------------------------------------------------------------- the shared-prefix path
+
+SUMMARY_KEYS = ("ce", "kl", "ce_increase", "ce_increase_stderr")
+
+
+def wobble(source, target):
+    """A replacement that depends on the source, so a wrong source or slice shows."""
+    return target + 0.5 * torch.sin(3 * source)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 3])   # the first, a middle and the last of tiny's 4 blocks
+@pytest.mark.parametrize("include_bos", [False, True])
+def test_shared_prefix_path_equals_three_separate_forwards(tiny, monkeypatch, layer, include_bos):
+    """The fast path (blocks before the layer run once, passes stacked, logits made a few positions
+    at a time) gives the reference's numbers (a full forward per pass, the model's own logits) to
+    float32 round-off: relative 1e-5 on every mean. Several score chunks, the last one partial,
+    and a partial last batch."""
+    monkeypatch.setattr(lm_eval, "SCORE_ELEMENTS", 4 * 7 * 512)   # 7 positions per chunk for 4 passes
+    seqs = tiny_sequences(n=5)
+    reps = {"identity": lm_eval.identity_replacement, "wobble": wobble, "zero": lm_eval.zero_replacement}
+    hooks = f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.hook_mlp_out"
+
+    def run(method):
+        return lm_eval.lm_losses(tiny.model, seqs, *hooks, reps, tiny.bos_id, include_bos, batch_size=2,
+                                 device="cpu", progress=False, method=method)
+
+    ref, fast = run("separate"), run("shared")
+    assert fast["clean"]["n_scored"] == ref["clean"]["n_scored"] == int(
+        lm_eval.score_mask(torch.from_numpy(seqs), BOS, include_bos).sum())
+    for name in ("clean", *reps):
+        for key in SUMMARY_KEYS:
+            assert fast[name][key] == pytest.approx(ref[name][key], rel=1e-5, abs=1e-7), (name, key)
+    assert ref["wobble"]["kl"] > 1e-4 and ref["zero"]["kl"] > 1e-4   # the splices really changed the model
+
+
+def test_shared_path_is_the_default_and_leaves_the_model_as_it_was(tiny, monkeypatch):
+    def no_separate(*args, **kwargs):
+        raise AssertionError("the separate path ran")
+
+    monkeypatch.setattr(lm_eval, "score_batch", no_separate)
+    losses = splice(tiny, {"wobble": wobble})
+    assert losses["wobble"]["kl"] > 0
+    assert not [name for name, point in tiny.model.hook_dict.items() if point.fwd_hooks]
+    assert all("forward" not in vars(block.original_component) for block in tiny.model.blocks)
+    # hooks in two different blocks cannot share a prefix: the reference path runs instead
+    assert lm_eval.splice_layer("blocks.1.hook_resid_mid", "blocks.2.hook_mlp_out") is None
+    assert lm_eval.splice_layer("blocks.12.hook_resid_mid", "blocks.12.hook_mlp_out") == 12
+
+
+def test_unembed_logits_equal_the_models_own_logits(tiny):
+    """tiny is a Gemma-2 with a final logit softcap of 30: the shared path must apply it too."""
+    tokens = torch.from_numpy(tiny_sequences()).long()
+    seen = {}
+
+    def grab(tensor, hook):
+        seen["h"] = tensor
+
+    with torch.no_grad():
+        want = tiny.model.run_with_hooks(tokens, fwd_hooks=[("unembed.hook_in", grab)], return_type="logits")
+        got = lm_eval.unembed_logits(tiny.model, seen["h"])
+        into = lm_eval.unembed_logits(tiny.model, seen["h"], out=torch.empty(want.shape))   # the one-matmul path
+    assert tiny.model.original_model.config.final_logit_softcapping == 30.0
+    torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(into, want.float(), rtol=1e-6, atol=1e-6)
+
+
+def test_chunk_losses_equal_position_losses():
+    """The stacked loss formulas against the reference ones on random logits (clean first)."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 9, 50, generator=g) * 4                     # (P, n, V)
+    targets = torch.randint(0, 50, (9,), generator=g)
+    tokens = torch.cat([targets[:1], targets])[None]                     # position t predicts targets[t]
+    mask = torch.ones(1, 9, dtype=torch.bool)
+    ce, kl = lm_eval.chunk_losses(logits.clone(), targets)
+    pad = lambda x: torch.cat([x, torch.zeros(1, 50)])[None]   # noqa: E731  (a last position, never scored)
+    for p in range(3):
+        want_ce, want_kl = lm_eval.position_losses(pad(logits[p]), tokens, mask, ref_logits=pad(logits[0]))
+        torch.testing.assert_close(ce[p], want_ce)
+        if p:
+            torch.testing.assert_close(kl[p - 1], want_kl, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- held-out text
 
 def fake_store(rows: np.ndarray) -> SimpleNamespace:
@@ -367,7 +449,9 @@ def test_unloadable_model_is_one_line_and_exit_2(tmp_path, synthetic_store):
     res = CliRunner().invoke(app, ["--run", str(run), "--device", "cpu"])
     assert res.exit_code == 2
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "cannot load model 'synthetic'" in lines[0]
+    # the status line printed as the load starts, then the error alone
+    assert lines[0].startswith("eval: loading model synthetic")
+    assert len(lines) == 2 and "cannot load model 'synthetic'" in lines[1] and "Traceback" not in res.output
     assert not (run / "eval.json").exists()
 
 

@@ -1,0 +1,161 @@
+"""`tc eval`'s language-model passes: the shared-prefix path against the three separate forwards.
+
+Both run in this process on the same loaded model, transcoder and held-out sequences (the demo's
+run and store by default), alternating old, new, old, new, ...; each run's wall and process CPU
+seconds are printed, then the median ratio old / new and the largest difference of the numbers
+eval reports. The "separate" path is the code `tc eval` ran before the shared path
+(score_batch and position_losses, unchanged), with its own default batch size.
+
+    python bench/bench_eval.py --run data/demo/run --repeats 3 [--threads 1] [--json out.json]
+
+With --whole OLD_SRC (a copy of the older code: `git archive main pipeline cli.py | tar -x -C
+OLD_SRC`), it instead runs the whole `tc eval` command as a subprocess, alternating the older code
+and this checkout, each on its own copy of the run folder (eval writes eval.json into it), and
+reports each one's seconds, user CPU seconds and when its output first appeared and each phase
+began (the first line of each status or bar).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline import evaluate as ev
+from pipeline import lm_eval
+from pipeline.run import open_run
+from pipeline.text import iter_documents
+
+KEYS = ("ce_clean", "ce_spliced", "ce_zero", "kl_spliced", "kl_zero", "fraction_recovered", "ce_increase")
+
+
+def held_out(run, lm, tokens: int):
+    """The held-out sequences `tc eval --tokens N` would use."""
+    store = run.training_store(run.store(None))
+    spec, same = ev.text_source(ev.EvalConfig(), store)
+    docs = iter_documents(spec["dataset"], split=spec["split"], config=spec["dataset_config"],
+                          text_column=spec["text_column"])
+    n_seqs = -(-tokens // store.seq_len)
+    seqs, _ = lm_eval.held_out_sequences(docs, lm.tokenizer, lm.bos_id, store.seq_len, n_seqs,
+                                         store if same else None, progress=False)
+    return seqs, store.hooks
+
+
+def timed(fn):
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+PHASES = ("eval: loading model", "eval: store rows", "eval: packing held-out text", "eval: skip the store's text",
+          "eval: LM loss")
+
+
+def run_cli(src: str, run: str, tokens: int, threads: int | None) -> dict:
+    """One `tc eval` subprocess with PYTHONPATH=src: seconds, user CPU, when output first came and each phase began."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench_eval."))
+    shutil.copytree(run, tmp / "run", ignore=shutil.ignore_patterns("export", "samples", "activation_samples",
+                                                                   "checkpoints"))
+    env = {**os.environ, "PYTHONPATH": src}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-c", "import sys, cli; sys.argv[0] = 'tc'; sys.exit(cli.main())", "eval",
+           "--run", str(tmp / "run"), "--tokens", str(tokens), "--device", "cpu"]
+    start, before = time.perf_counter(), os.times()
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    first, phases, buf = None, {}, b""
+    while chunk := proc.stderr.read1(4096):
+        now = time.perf_counter() - start
+        first = first if first is not None else now
+        buf += chunk
+        text = buf.decode(errors="replace")
+        for name in PHASES:
+            if name not in phases and name in text:
+                phases[name] = now
+    proc.wait()
+    after = os.times()
+    shutil.rmtree(tmp, ignore_errors=True)
+    if proc.returncode:
+        raise SystemExit(f"tc eval failed ({src}): {buf.decode(errors='replace')[-2000:]}")
+    return {"seconds": time.perf_counter() - start, "user_cpu_s": after.children_user - before.children_user,
+            "first_output_s": first, "phase_start_s": phases}
+
+
+def whole(args) -> None:
+    here = str(Path(__file__).resolve().parents[1])
+    runs: dict[str, list[dict]] = {"old": [], "new": []}
+    for i in range(args.repeats):
+        for name, src in (("old", args.whole), ("new", here)):
+            r = run_cli(src, args.run, args.tokens, args.threads)
+            runs[name].append(r)
+            print(f"repeat {i + 1} {name}: {r['seconds']:.1f} s, user cpu {r['user_cpu_s']:.1f} s, first output "
+                  f"{r['first_output_s']:.1f} s, phases " + ", ".join(f"{k!r} {v:.1f}" for k, v in r["phase_start_s"].items()),
+                  flush=True)
+    ratios = [a["seconds"] / b["seconds"] for a, b in zip(runs["old"], runs["new"])]
+    print(f"old / new, whole tc eval: {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"runs": runs, "ratios": ratios}, f, indent=1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", default="data/demo/run")
+    ap.add_argument("--tokens", type=int, default=4000, help="held-out tokens (the demo's eval-tokens)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--whole", default=None, metavar="OLD_SRC", help="time the whole `tc eval` against the code in OLD_SRC")
+    args = ap.parse_args()
+    if args.whole:
+        return whole(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from pipeline.models import load_model
+
+    run = open_run(args.run)
+    transcoder = run.transcoder("cpu")
+    lm, load_s, _ = timed(lambda: load_model(run.training_store(run.store(None)).attrs["model"]))
+    seqs, hooks = held_out(run, lm, args.tokens)
+    replacements = {"spliced": lm_eval.transcoder_replacement(transcoder), "zero": lm_eval.zero_replacement}
+    T = seqs.shape[1]
+    batches = {"separate": lm_eval.auto_batch_size(T, lm.vocab_size), "shared": lm_eval.shared_batch_size(T, 3)}
+    print(f"model load {load_s:.1f} s; {seqs.size:,} tokens ({len(seqs)} x {T}); torch threads "
+          f"{torch.get_num_threads()}; batch sizes {batches}", flush=True)
+    runs: dict[str, list[dict]] = {"separate": [], "shared": []}
+    for i in range(args.repeats):
+        for method in ("separate", "shared"):
+            losses, wall, cpu = timed(lambda: lm_eval.lm_losses(
+                lm.model, seqs, hooks["source"], hooks["target"], replacements, lm.bos_id, False,
+                batches[method], "cpu", progress=False, method=method))
+            report = lm_eval.splice_report(losses)
+            runs[method].append({"wall_s": wall, "cpu_s": cpu, "report": report})
+            print(f"repeat {i + 1} {method:<8} wall {wall:6.1f} s  cpu {cpu:6.1f} s  "
+                  + "  ".join(f"{k} {report[k]:.6f}" for k in KEYS[:6]), flush=True)
+    ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(runs["separate"], runs["shared"])]
+    cpu_ratios = [a["cpu_s"] / b["cpu_s"] for a, b in zip(runs["separate"], runs["shared"])]
+    diff = {k: max(abs(a["report"][k] - b["report"][k]) for a in runs["separate"] for b in runs["shared"])
+            for k in KEYS}
+    out = {"tokens": int(seqs.size), "threads": torch.get_num_threads(), "batch_sizes": batches,
+           "separate_wall_s": [r["wall_s"] for r in runs["separate"]], "shared_wall_s": [r["wall_s"] for r in runs["shared"]],
+           "separate_cpu_s": [r["cpu_s"] for r in runs["separate"]], "shared_cpu_s": [r["cpu_s"] for r in runs["shared"]],
+           "ratio_wall_median": statistics.median(ratios), "ratio_wall_range": [min(ratios), max(ratios)],
+           "ratio_cpu_median": statistics.median(cpu_ratios), "max_abs_difference": diff}
+    print(f"old / new: wall {out['ratio_wall_median']:.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}), "
+          f"cpu {out['ratio_cpu_median']:.2f}x")
+    print("largest |old - new|: " + ", ".join(f"{k} {v:.2e}" for k, v in diff.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
