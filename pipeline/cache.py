@@ -135,7 +135,7 @@ def bytes_per_row(d_model: int) -> int:
     return 2 * 2 * d_model + 4 + 1   # fp16 source and target, int32 token, uint8 flags
 
 
-def check_disk(cfg: CacheConfig, out: Path, action: str, d_model: int, damaged: list[int]) -> None:
+def check_disk(cfg: CacheConfig, out: Path, action: str, d_model: int) -> None:
     """Say what the store will take, and refuse when the filesystem cannot hold what is left to write."""
     chunk_rows = cfg.chunk_rows or chunk_rows_for(cfg.seq_len)
     total = -(-cfg.tokens // cfg.seq_len) * cfg.seq_len
@@ -285,7 +285,7 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     lm = models.load_model(cfg.model, device=device, dtype=compute_dtype(cfg, device))
     check_context(cfg, lm)
     hooks = forward.check_hooks(lm, cfg.layer, [cfg.source, cfg.target])
-    check_disk(cfg, out, action, lm.d_model, damaged)
+    check_disk(cfg, out, action, lm.d_model)
     writer = open_writer(cfg, out, action, lm, hooks)
     if damaged:
         writer.uncommit(damaged)

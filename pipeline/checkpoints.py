@@ -3,7 +3,7 @@
 A checkpoint is a folder RUN/checkpoints/step_XXXXXX holding the transcoder file, the run's
 config.json and state.pt (optimizer, counters, loader position, RNG, collector, metrics window).
 It is written in a temporary folder, renamed into place, and only then named by `latest`, so a
-kill at any moment leaves `latest` naming a complete checkpoint (Run.latest_checkpoint reads it).
+kill at any moment leaves `latest` naming a complete checkpoint.
 Its checksums.json (CRC-32 and size of each file, written last) lets a resume tell a damaged
 checkpoint from an intact one and fall back to the newest intact one (newest_intact).
 """

@@ -34,7 +34,7 @@ CHECKPOINT_STATE = "state.pt"
 SAMPLES_FILE = "samples.safetensors"   # in both sample folders
 COLLECT_META = "collect.json"          # written last by `tc samples collect`: marks it finished
 COLLECT_STATE = "state.safetensors"    # resumable state of an unfinished collect
-RUN_LOCK = ".tc-run.lock"              # held by the one process training or collecting in the folder
+RUN_LOCK = ".tc-run.lock"              # held by the one process training in the folder
 
 
 class Run:
@@ -139,14 +139,6 @@ class Run:
     def latest_step_name(self) -> str | None:
         """What `latest` names (step_XXXXXX), complete or not."""
         return self.latest_pointer.read_text().strip() if self.latest_pointer.exists() else None
-
-    def latest_checkpoint(self) -> Path | None:
-        """The checkpoint `latest` names, if it is complete."""
-        name = self.latest_step_name()
-        if name is None:
-            return None
-        path = self.checkpoints_dir / name
-        return path if (path / CHECKPOINT_STATE).exists() else None
 
     def trained_on(self) -> str | None:
         """The path of the store the run trained on, as its config records it."""

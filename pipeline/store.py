@@ -35,8 +35,6 @@ META_COLUMNS = ["committed", "rows", "stat_rows", "overflow_source", "overflow_t
 # One CRC-32 per chunk of each of these arrays (in this order), in `chunk_crc`, written just before
 # the commit; the whole-store arrays written at finalize get one each, in the `array_crc` attribute.
 CRC_ARRAYS = ("source", "target", "tokens", "flags", "chunk_stats", "chunk_norms", "chunk_meta")
-WHOLE_ARRAYS = ("stats/source_mean", "stats/source_var", "stats/target_mean", "stats/target_var",
-                "vocab/offsets", "vocab/bytes")
 CHECKSUM = "crc32 of each chunk's values, little-endian, rows written only"
 LOCK_NAME = ".tc-writer.lock"
 

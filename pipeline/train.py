@@ -36,8 +36,9 @@ from pipeline.metrics import Metrics, WandbLogger, read_metrics, truncate_metric
 from pipeline.run import RUN_LOCK, TRANSCODER, Run
 from pipeline.store import Store
 from pipeline.transcoder import ENCODER_INIT_SCALE, Transcoder, TranscoderOutput, norm_constants
-from pipeline.util import (FolderLock, UserError, check_free_space, fault_point, file_checksum, opt, resume_hint, parse_count, parse_int_list, pick_device, short_count,
-                           to_jsonable, versions, write_config_toml, write_json_atomic)
+from pipeline.util import (FolderLock, UserError, check_free_space, fault_point, file_checksum, opt, parse_count,
+                           parse_int_list, pick_device, resume_hint, short_count, to_jsonable, versions,
+                           write_config_toml, write_json_atomic)
 
 KILL_ENV = "TC_TRAIN_KILL_AT_STEP"   # testing hook: SIGKILL this process right after that step
 RESUME_FREE = {"resume", "out", "cache", "device", "log_every", "checkpoint_every", "keep_checkpoints",
