@@ -55,6 +55,11 @@ class Stages:
             self.current = None
 
 
+def whole(tokens: int, seq_len: int) -> int:
+    """A token budget as the stages round it: up to whole sequences (what they then print)."""
+    return -(-tokens // seq_len) * seq_len
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from pipeline import cache, collect, evaluate, export, train
 
@@ -67,7 +72,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_config_toml(out / "tc-demo.toml", cfg)
     stages = Stages()
-    stages.start(1, "cache", f"{cfg.model} layer {cfg.layer} on {cfg.dataset}, {cfg.tokens:,} tokens -> {store}")
+    stages.start(1, "cache", f"{cfg.model} layer {cfg.layer} on {cfg.dataset}, {whole(cfg.tokens, cfg.seq_len):,} "
+                 f"tokens -> {store}")
     cache.run_cache(cache.CacheConfig(model=cfg.model, layer=cfg.layer, dataset=cfg.dataset, tokens=cfg.tokens,
                                       seq_len=cfg.seq_len, out=str(store), device=cfg.device))
 
@@ -87,7 +93,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     stages.start(4, "export", "offline HTML feature browser")
     page = export.run_export(export.ExportConfig(run=str(run), format="html", device=cfg.device))
 
-    stages.start(5, "eval", f"the model's loss with the transcoder spliced in, on {cfg.eval_tokens:,} held-out tokens")
+    stages.start(5, "eval", f"the model's loss with the transcoder spliced in, on "
+                 f"{whole(cfg.eval_tokens, cfg.seq_len):,} held-out tokens")
     result = reuse_or_eval(run, evaluate.EvalConfig(run=str(run), tokens=cfg.eval_tokens, device=cfg.device))
     stages.stop()
     return summarize(store, run, page, result, time.perf_counter() - t0, stages.seconds)

@@ -196,6 +196,13 @@ def status(line: str, progress: bool) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def recovered_note(lm: dict[str, Any]) -> str:
+    """A word when the fraction recovered means nothing: zero-ablating the MLP does not raise the loss."""
+    if lm["fraction_recovered"] is not None and lm["ce_zero"] <= lm["ce_clean"]:
+        return "   (meaningless here: the zero-ablated loss is not above the clean loss)"
+    return ""
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The terminal summary."""
     lines = [f"tc eval  {result['run']}", f"  store {result['store']}  ({result['hooks']['source']} -> {result['hooks']['target']})"]
@@ -208,7 +215,7 @@ def format_table(result: dict[str, Any]) -> str:
                   f"    {'CE clean':<22}{lm['ce_clean']:>10.4f}",
                   f"    {'CE spliced':<22}{lm['ce_spliced']:>10.4f}   (+{lm['ce_increase']:.4f} +- {lm['ce_increase_stderr']:.4f})",
                   f"    {'CE zero-ablated':<22}{lm['ce_zero']:>10.4f}",
-                  f"    {'fraction recovered':<22}{'n/a' if fr is None else f'{fr:10.4f}':>10}",
+                  f"    {'fraction recovered':<22}{'n/a' if fr is None else f'{fr:10.4f}':>10}{recovered_note(lm)}",
                   f"    {'KL(clean || spliced)':<22}{lm['kl_spliced']:>10.4f}",
                   f"    {'KL(clean || zero)':<22}{lm['kl_zero']:>10.4f}"]
     r = result["rows"]

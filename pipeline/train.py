@@ -41,8 +41,8 @@ from pipeline.util import (FolderLock, UserError, check_free_space, fault_point,
                            write_config_toml, write_json_atomic)
 
 KILL_ENV = "TC_TRAIN_KILL_AT_STEP"   # testing hook: SIGKILL this process right after that step
-RESUME_FREE = {"resume", "out", "cache", "device", "log_every", "checkpoint_every", "keep_checkpoints",
-               "wandb_project"}
+RESUME_FREE = {"resume", "out", "cache", "device", "log_every", "checkpoint_every", "checkpoint_minutes",
+               "keep_checkpoints", "wandb_project"}
 # What a run saved before an option existed did, so that resuming it goes on doing that
 BEFORE_OPTION = {"include_outliers": True, "encoder_init": 0.1, "skip": False}
 
@@ -105,6 +105,9 @@ class TrainConfig:
                              "Logging & checkpoints")
     log_every: int = opt(100, "Log metrics every this many steps.", "Logging & checkpoints")
     checkpoint_every: int = opt(500, "Write a resumable checkpoint every this many steps.", "Logging & checkpoints")
+    checkpoint_minutes: float = opt(5.0, "Also write one when this many minutes have passed since the last, so an "
+                                    "interrupt loses little on a slow machine (0: by steps only).",
+                                    "Logging & checkpoints")
     keep_checkpoints: int = opt(3, "Keep the newest N checkpoints (0 keeps all).", "Logging & checkpoints")
     wandb_project: str | None = opt(None, "Also log to this Weights & Biases project (WANDB_MODE=offline works).",
                                     "Logging & checkpoints")
@@ -181,6 +184,8 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("aux_k", "warmup_steps", "keep_checkpoints", "sample_every", "seed"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
+    if not cfg.checkpoint_minutes >= 0 or not math.isfinite(cfg.checkpoint_minutes):
+        raise UserError(f"--checkpoint-minutes must be 0 or more, got {cfg.checkpoint_minutes}")
     if not cfg.lr > 0 or not math.isfinite(cfg.lr):
         raise UserError(f"--lr must be a positive number, got {cfg.lr}")
     if not 0 <= cfg.min_lr_ratio <= 1:
@@ -309,6 +314,7 @@ def prepare(cfg: TrainConfig, given: set[str] | None = None) -> Setup:
     cfg.out = str(run.path)
     cfg.cache = str(Path(cfg.cache).resolve())
     check_batch_fits(cfg, store)
+    note_dictionary_size(cfg, store)
     total = total_steps(cfg, store)
     config = {**to_jsonable(cfg), "total_steps": total, "architecture": architecture(cfg.groups, cfg.skip),
               "store": store_identity(store), "versions": versions(),
@@ -357,6 +363,19 @@ def train_resume_hint(run: Run, cfg: TrainConfig) -> str:
         return f"continue from {last} with `tc train --resume {run.path}`"
     return (f"no checkpoint was written yet (the first is at step {cfg.checkpoint_every:,}): "
             f"`tc train --resume {run.path}` starts it again")
+
+
+WIDE_DICTIONARY = 64   # latents per model dimension beyond which a dictionary is unusually wide
+
+
+def note_dictionary_size(cfg: TrainConfig, store: Store) -> None:
+    """A word when the dictionary is far wider than usual for the store (the default 18,432 latents is
+    8x Gemma-2-2B's 2,304 dimensions; on a small model it is hundreds of times d_model)."""
+    ratio = cfg.dict_size / store.d_model
+    if ratio > WIDE_DICTIONARY:
+        print(f"note: --dict-size {cfg.dict_size:,} is {ratio:,.0f}x the store's d_model {store.d_model} (the "
+              f"reference is 8x); most latents may stay dead: consider --dict-size {8 * store.d_model:,} to "
+              f"{32 * store.d_model:,}", flush=True)
 
 
 def check_batch_fits(cfg: TrainConfig, store: Store) -> None:
@@ -473,6 +492,8 @@ def train_locked(setup: Setup, device: torch.device, collector_factory: Collecto
     finish(run, model, store, collector, metrics)
     if wandb:
         wandb.finish()
+    print(f"done: the transcoder is {run.transcoder_file}; next: `tc samples collect --run {run.path}`, then "
+          f"`tc samples export --run {run.path}` (feature browser) and `tc eval --run {run.path}`", flush=True)
     return run.path
 
 
@@ -482,6 +503,7 @@ def train_loop(setup: Setup, model: Transcoder, optimizer: torch.optim.Optimizer
     """Steps `step`..`total`: log every log_every steps, checkpoint every checkpoint_every and at the end."""
     cfg = setup.cfg
     kill_at = int(os.environ.get(KILL_ENV, "-1"))
+    last_saved = time.monotonic()
     bar = tqdm(total=total, initial=step, unit="step", desc="train", dynamic_ncols=True)
     try:
         model.train()
@@ -501,12 +523,14 @@ def train_loop(setup: Setup, model: Transcoder, optimizer: torch.optim.Optimizer
                                  f"dead/{short_count(cfg.dead_tokens)}": row["dead_features"]})
                 if wandb:
                     wandb.log(row)
-            if step % cfg.checkpoint_every == 0 or step == total:
+            due = cfg.checkpoint_minutes and time.monotonic() - last_saved >= 60 * cfg.checkpoint_minutes
+            if step % cfg.checkpoint_every == 0 or step == total or due:
                 if not model.is_finite():   # a NaN/inf weight is never saved, so a resume never loads one
                     raise diverged(setup.run, step, "a weight is NaN or inf")
                 state = checkpoint_state(step, total, loader, optimizer, model, metrics, collector)
                 write_checkpoint(setup.run, step, model, state, setup.config, cfg.keep_checkpoints)
                 fault_point("checkpoint_written")
+                last_saved = time.monotonic()
             bar.update(1)
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
