@@ -24,7 +24,7 @@ from pipeline.config import checked
 from pipeline.store import (LOCK_NAME, OUTLIER_FACTOR, Store, StoreWriter, WriterLock, chunk_rows_for,
                             creation_interrupted, is_store, to_fp16)
 from pipeline.util import (UserError, check_free_space, fault_point, human_bytes, interrupts_deferred, opt,
-                           parse_count, pick_device, write_config_toml)
+                           parse_count, pick_device, status, write_config_toml)
 
 # Fields that define what the store holds: a re-run must agree on all of them to resume.
 IDENTITY_FIELDS = ("model", "dataset", "dataset_config", "split", "text_column", "layer", "tokens",
@@ -282,6 +282,7 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     docs = text.iter_documents(cfg.dataset, split=cfg.split, config=cfg.dataset_config, text_column=cfg.text_column,
                                text_errors=cfg.text_errors)
     device = pick_device(cfg.device)
+    status(f"cache: loading {cfg.model} on {device}")
     lm = models.load_model(cfg.model, device=device, dtype=compute_dtype(cfg, device))
     check_context(cfg, lm)
     hooks = forward.check_hooks(lm, cfg.layer, [cfg.source, cfg.target])

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from pipeline.transcoder import Transcoder
-from pipeline.util import UserError
+from pipeline.util import UserError, status
 
 FEATURE_BATCH = 256          # features per product: 256 x 262k floats (Gemma 3) is ~270 MB
 
@@ -106,6 +106,7 @@ def try_logit_effects(tc: Transcoder, feats: list[int], model: str | None, k: in
                                 "pass --model NAME_OR_FOLDER)"}
     try:
         # the weights in the device's usual dtype (bf16 on a GPU); the product itself is float32
+        status(f"export: loading {model} for the logit effects")
         lm = load_model(model, device)
         effects = feature_logit_effects(tc, feats, lm, k, vocab_strings(lm.tokenizer))
     except (UserError, OSError, ValueError) as e:

@@ -212,6 +212,14 @@ class FolderLock:
         self.release()
 
 
+def status(line: str) -> None:
+    """A one-line status on stderr at the start of a slow step that has no progress bar (a model
+    load): the user sees within seconds that something is happening."""
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
+
+
 def free_bytes(path: str | Path) -> int:
     """Free space on the filesystem that holds `path` (or would: its nearest existing parent)."""
     path = Path(path).absolute()
