@@ -70,7 +70,8 @@ def run_cli(src: str, run: str, tokens: int, threads: int | None) -> dict:
     cmd = [sys.executable, "-c", "import sys, cli; sys.argv[0] = 'tc'; sys.exit(cli.main())", "eval",
            "--run", str(tmp / "run"), "--tokens", str(tokens), "--device", "cpu"]
     start, before = time.perf_counter(), os.times()
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    # cwd=src: `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH
+    proc = subprocess.Popen(cmd, env=env, cwd=src, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     first, phases, buf = None, {}, b""
     while chunk := proc.stderr.read1(4096):
         now = time.perf_counter() - start
