@@ -45,7 +45,8 @@ class EvalConfig:
     lm_loss: bool = opt(True, "Measure the model's loss with the transcoder spliced in (needs the model); --no-lm-loss for the store-row metrics only.", "Text")
     rows: int = opt(200_000, "Store rows (whole chunks spread over the store) for FVU, L0, dead and dense features.", "Store rows", parse=parse_count)
     dense_threshold: float = opt(DENSE_DEFAULT, "A feature is dense when it fires on more than this fraction of the evaluated rows.", "Store rows")
-    batch_size: int | None = opt(None, "Sequences per forward pass (default: as many as keep one batch's logits near 512 MB).", "Compute")
+    batch_size: int | None = opt(None, "Sequences per forward pass (default: about 4,096 positions in the one stacked forward of the "
+                              "clean, spliced and zero-ablated passes).", "Compute")
     device: str = opt("auto", "auto, cpu or cuda.", "Compute")
     dtype: str = opt("auto", "Model compute dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.", "Compute")
 
