@@ -64,6 +64,14 @@ def tiny_train(store: Path, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+@pytest.fixture(scope="module")
+def tiny_whole(tmp_path_factory) -> Path:
+    """One uninterrupted tiny-model store, made once: what repaired and resumed stores must equal."""
+    out = tmp_path_factory.mktemp("whole") / "whole.zarr"
+    assert tc(*TINY_CACHE, "--out", str(out)).returncode == 0
+    return out
+
+
 @pytest.fixture
 def store(tmp_path) -> Path:
     return write_synthetic_store(tmp_path / "s.zarr", n_rows=2048, chunk_rows=256)
@@ -113,11 +121,10 @@ def test_a_compressed_chunk_that_cannot_be_decoded_is_damage_not_a_traceback(tmp
     assert_one_line_error(tc("info", str(out), "--verify"), "chunk 2 of source")
 
 
-def test_rerunning_the_same_cache_repairs_exactly_the_damaged_chunks(tmp_path):
+def test_rerunning_the_same_cache_repairs_exactly_the_damaged_chunks(tmp_path, tiny_whole):
     from test_cache import assert_same_store
 
-    original = tmp_path / "orig.zarr"
-    assert tc(*TINY_CACHE, "--out", str(original)).returncode == 0
+    original = tiny_whole
     damaged = tmp_path / "damaged.zarr"
     shutil.copytree(original, damaged)
     scramble(chunk_file(damaged, "source", 1))
@@ -275,11 +282,10 @@ def test_a_second_process_on_one_run_folder_is_refused(store, tmp_path):
 
 @pytest.mark.parametrize("point", ["chunk_before_commit:2", "chunk_committed:3", "before_finalize:1",
                                    "finalize_before_mark:1"])
-def test_ctrl_c_in_any_phase_of_cache_is_one_line_and_resumes_identically(tmp_path, point):
+def test_ctrl_c_in_any_phase_of_cache_is_one_line_and_resumes_identically(tmp_path, tiny_whole, point):
     from test_cache import assert_same_store
 
-    whole = tmp_path / "whole.zarr"
-    assert tc(*TINY_CACHE, "--out", str(whole)).returncode == 0
+    whole = tiny_whole
     out = tmp_path / "s.zarr"
     r = subprocess.run([sys.executable, "-m", "cli", *TINY_CACHE, "--out", str(out)], capture_output=True, text=True,
                        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "TC_INTERRUPT_AT": point}, timeout=600)
@@ -310,14 +316,13 @@ def test_ctrl_c_in_training_names_the_real_command(store, tmp_path, point, hint)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_full_disk_while_caching_is_one_line_and_the_rerun_completes(tmp_path, monkeypatch):
+def test_a_full_disk_while_caching_is_one_line_and_the_rerun_completes(tmp_path, tiny_whole, monkeypatch):
     import errno
 
     import pipeline.store as store_module
     from test_cache import assert_same_store
 
-    whole = tmp_path / "whole.zarr"
-    assert tc(*TINY_CACHE, "--out", str(whole)).returncode == 0
+    whole = tiny_whole
     real, calls = store_module.write_chunk_file, []
 
     def filling(path, data):
