@@ -46,8 +46,8 @@ def parse_path_list(text: str | list) -> list[str]:
 
 @dataclass
 class CircuitTracerConfig:
-    runs: list[str] = opt([], "Run folders made by `tc train`, one per layer, separated by commas "
-                          "(e.g. runs/l0,runs/l1).", "Input", parse=parse_path_list, flag="--run")
+    run: list[str] = opt([], "Run folders made by `tc train`, one per layer, separated by commas "
+                         "(e.g. runs/l0,runs/l1).", "Input", parse=parse_path_list)
     out: str = opt("", "Output folder: layer_{i}.safetensors, config.yaml, tc-export.json.", "Output")
     overwrite: bool = opt(False, "Write into a non-empty --out, replacing the files of an earlier export.",
                           "Output")
@@ -224,9 +224,9 @@ def yaml_lines(config: dict[str, Any]) -> str:
 def run_circuit_tracer(cfg: CircuitTracerConfig) -> Path:
     """Write circuit-tracer's transcoder-set layout from one run per layer; returns the folder."""
     cfg = checked(cfg)
-    if not cfg.runs:
+    if not cfg.run:
         raise UserError("no run given: pass --run RUN (one per layer, separated by commas)")
-    infos = sorted((open_finished(r) for r in cfg.runs), key=lambda i: i.layer)
+    infos = sorted((open_finished(r) for r in cfg.run), key=lambda i: i.layer)
     check_set(infos)
     out = prepare_out(cfg.out, cfg.overwrite, r"layer_\d+\.safetensors|config\.yaml|tc-export.*")
     layers = [i.layer for i in infos]

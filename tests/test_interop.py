@@ -113,7 +113,7 @@ def check_same(run: Path, mine: tuple[np.ndarray, ...], x: np.ndarray) -> None:
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_circuit_tracer_files_reproduce_tc(runs, raw_rows, tmp_path, kind):
-    out = run_circuit_tracer(CircuitTracerConfig(runs=[str(runs[kind])], out=str(tmp_path / "ct")))
+    out = run_circuit_tracer(CircuitTracerConfig(run=[str(runs[kind])], out=str(tmp_path / "ct")))
     t = load_file(str(out / "layer_0.safetensors"))
     tc = Run(runs[kind]).transcoder()
     F, d = tc.d_latent, tc.d_in
@@ -166,24 +166,24 @@ def test_the_check_catches_a_planted_fold_bug(runs, raw_rows, tmp_path, monkeypa
     run = runs["matryoshka-skip"]
     right = interop.fold
     monkeypatch.setattr(interop, "fold", lambda tc: PLANTED[bug](right(tc), _constants(run)))
-    out = run_circuit_tracer(CircuitTracerConfig(runs=[str(run)], out=str(tmp_path / "ct")))
+    out = run_circuit_tracer(CircuitTracerConfig(run=[str(run)], out=str(tmp_path / "ct")))
     with pytest.raises(AssertionError):
         check_same(run, apply_circuit_tracer(load_file(str(out / "layer_0.safetensors")), raw_rows), raw_rows)
 
 
 def test_the_threshold_is_tcs_and_the_export_records_what_made_it(runs, tmp_path):
     run = runs["skip"]
-    out = run_circuit_tracer(CircuitTracerConfig(runs=[str(run)], out=str(tmp_path / "ct")))
+    out = run_circuit_tracer(CircuitTracerConfig(run=[str(run)], out=str(tmp_path / "ct")))
     t = load_file(str(out / "layer_0.safetensors"))
     threshold = float(Run(run).transcoder().sparsity.threshold)
     assert threshold > 0 and np.allclose(t["activation_function.threshold"], threshold, rtol=1e-6)
     record = json.loads((out / "tc-export.json").read_text())
     assert record["runs"][0]["run"] == str(Path(run).resolve())
     assert record["runs"][0]["config"] == json.loads((Path(run) / "config.json").read_text())
-    assert record["versions"]["tc"] and record["layers"] == [0] and record["config"]["runs"] == [str(run)]
+    assert record["versions"]["tc"] and record["layers"] == [0] and record["config"]["run"] == [str(run)]
     with safe_open(str(out / "layer_0.safetensors"), "np") as f:
         assert json.loads(f.metadata()["tc_export"])["tc_run"] == str(Path(run).resolve())
-    assert (out / "tc-export-circuit-tracer.toml").read_text().count("runs = ") == 1
+    assert (out / "tc-export-circuit-tracer.toml").read_text().count("run = ") == 1
 
 
 # ----------------------------------------------------------------------------- a set of layers
@@ -191,7 +191,7 @@ def test_the_threshold_is_tcs_and_the_export_records_what_made_it(runs, tmp_path
 def test_a_set_of_layers_writes_one_file_per_layer_and_a_loadable_config(runs, raw_rows, tmp_path):
     plain = runs["plain"]
     skip1 = as_layer(runs["skip"], 1, tmp_path / "skip_l1")
-    out = run_circuit_tracer(CircuitTracerConfig(runs=[str(skip1), str(plain)], out=str(tmp_path / "ct"), n_layers=2))
+    out = run_circuit_tracer(CircuitTracerConfig(run=[str(skip1), str(plain)], out=str(tmp_path / "ct"), n_layers=2))
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["transcoders"] == ["layer_0.safetensors", "layer_1.safetensors"]
     l0, l1 = (load_file(str(out / f"layer_{i}.safetensors")) for i in (0, 1))
@@ -203,7 +203,7 @@ def test_a_set_of_layers_writes_one_file_per_layer_and_a_loadable_config(runs, r
 
 def test_a_partial_set_is_written_with_a_warning_naming_the_missing_layers(runs, tmp_path, capsys):
     run = as_layer(runs["plain"], 2, tmp_path / "l2")
-    out = run_circuit_tracer(CircuitTracerConfig(runs=[str(run)], out=str(tmp_path / "ct"), n_layers=4))
+    out = run_circuit_tracer(CircuitTracerConfig(run=[str(run)], out=str(tmp_path / "ct"), n_layers=4))
     warning = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
     assert len(warning) == 1 and "layers 0,1,3 (3 of 4)" in warning[0]
     assert (out / "layer_2.safetensors").exists()
@@ -214,10 +214,10 @@ def test_a_partial_set_is_written_with_a_warning_naming_the_missing_layers(runs,
 def test_bad_sets_are_refused_in_one_line(runs, tmp_path):
     plain, skip = str(runs["plain"]), str(runs["skip"])
     with pytest.raises(UserError, match="two runs of layer 0"):
-        run_circuit_tracer(CircuitTracerConfig(runs=[plain, skip], out=str(tmp_path / "a")))
+        run_circuit_tracer(CircuitTracerConfig(run=[plain, skip], out=str(tmp_path / "a")))
     other = as_layer(runs["skip"], 1, tmp_path / "other", model="tiny")
     with pytest.raises(UserError, match="different models"):
-        run_circuit_tracer(CircuitTracerConfig(runs=[plain, str(other)], out=str(tmp_path / "b")))
+        run_circuit_tracer(CircuitTracerConfig(run=[plain, str(other)], out=str(tmp_path / "b")))
     unfinished = tmp_path / "unfinished"
     shutil.copytree(runs["plain"], unfinished)
     (unfinished / "summary.json").unlink()
@@ -228,7 +228,7 @@ def test_bad_sets_are_refused_in_one_line(runs, tmp_path):
     config["store"]["hooks"]["source"] = "blocks.1.hook_resid_pre"
     (hooks / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="different hooks"):
-        run_circuit_tracer(CircuitTracerConfig(runs=[plain, str(hooks)], out=str(tmp_path / "d")))
+        run_circuit_tracer(CircuitTracerConfig(run=[plain, str(hooks)], out=str(tmp_path / "d")))
 
 
 def test_a_non_empty_out_is_kept_unless_overwrite(runs, tmp_path):
@@ -240,9 +240,9 @@ def test_a_non_empty_out_is_kept_unless_overwrite(runs, tmp_path):
     run_saelens(SAELensConfig(run=str(runs["plain"]), out=str(out), overwrite=True))
     assert (out / "notes.txt").read_text() == "mine" and (out / "cfg.json").exists()
     # an earlier, larger set's layer files do not survive an overwrite
-    run_circuit_tracer(CircuitTracerConfig(runs=[str(runs["plain"]), str(as_layer(runs["skip"], 1, tmp_path / "l1"))],
+    run_circuit_tracer(CircuitTracerConfig(run=[str(runs["plain"]), str(as_layer(runs["skip"], 1, tmp_path / "l1"))],
                                            out=str(tmp_path / "ct")))
-    run_circuit_tracer(CircuitTracerConfig(runs=[str(runs["plain"])], out=str(tmp_path / "ct"), overwrite=True))
+    run_circuit_tracer(CircuitTracerConfig(run=[str(runs["plain"])], out=str(tmp_path / "ct"), overwrite=True))
     assert sorted(p.name for p in (tmp_path / "ct").glob("layer_*")) == ["layer_0.safetensors"]
 
 
@@ -272,7 +272,7 @@ def test_the_tools_own_loaders_give_tcs_outputs(runs, tmp_path, tool):
         pytest.skip(str(e))
     chosen = [str(runs["matryoshka"]), str(as_layer(runs["matryoshka-skip"], 1, tmp_path / "l1"))]
     if tool == "circuit-tracer":
-        export = run_circuit_tracer(CircuitTracerConfig(runs=chosen, out=str(tmp_path / "ct")))
+        export = run_circuit_tracer(CircuitTracerConfig(run=chosen, out=str(tmp_path / "ct")))
     else:
         chosen = chosen[1:]
         export = run_saelens(SAELensConfig(run=chosen[0], out=str(tmp_path / "sl")))

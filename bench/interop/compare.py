@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    ct = run_circuit_tracer(CircuitTracerConfig(runs=a.run, out=str(work / "circuit-tracer"), overwrite=True))
+    ct = run_circuit_tracer(CircuitTracerConfig(run=a.run, out=str(work / "circuit-tracer"), overwrite=True))
     sl = run_saelens(SAELensConfig(run=a.run[0], out=str(work / "saelens"), overwrite=True))
     write_rows(work / "rows.npz", a.run, a.rows)
     results = {"runs": a.run, "rows": a.rows}
