@@ -283,6 +283,13 @@ def saelens_tensors(folded: dict[str, Tensor]) -> dict[str, Tensor]:
     return tensors
 
 
+def hf_name(model: str) -> str:
+    """The Hugging Face id of a tc built-in model when it has one (SAELens loads models by it)."""
+    from pipeline import models
+
+    return models.GEMMA3_HF_NAME if model == models.GEMMA3 else model
+
+
 def saelens_cfg(info: RunInfo) -> dict[str, Any]:
     """cfg.json as SAELens 6 reads it: the config fields at the top, the model and hooks in metadata."""
     store = info.run.config().get("store") or {}
@@ -291,7 +298,7 @@ def saelens_cfg(info: RunInfo) -> dict[str, Any]:
             "device": "cpu", "apply_b_dec_to_input": False, "normalize_activations": "none",
             "reshape_activations": "none",
             "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
-                         "model_name": info.model, "hook_name": info.hooks["source"],
+                         "model_name": hf_name(info.model), "hook_name": info.hooks["source"],
                          "hook_name_out": info.hooks["target"], "hook_head_index": None,
                          "hook_head_index_out": None, "prepend_bos": True, "context_size": store.get("seq_len"),
                          "dataset_path": None}}
