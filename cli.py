@@ -31,6 +31,9 @@ app = typer.Typer(help="Train sparse transcoders on an LLM's MLP and see what ea
 samples_app = typer.Typer(help="Top-activating samples of each feature: collect, export, show.",
                           no_args_is_help=True)
 app.add_typer(samples_app, name="samples")
+export_app = typer.Typer(help="Write trained transcoders in other tools' formats (circuit-tracer, SAELens).",
+                         no_args_is_help=True)
+app.add_typer(export_app, name="export")
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -134,7 +137,7 @@ def register(typer_app: typer.Typer, name: str, cfg_cls: type, run: Callable[[An
 
 
 def _register_all() -> None:
-    from pipeline import cache, collect, demo, evaluate, export, train
+    from pipeline import cache, collect, demo, evaluate, export, interop, train
 
     register(app, "demo", demo.DemoConfig, demo.run_demo,
              "The whole pipeline on the packaged Gemma 3 270M and CPython's docs, in about ten minutes on a laptop CPU.")
@@ -149,6 +152,12 @@ def _register_all() -> None:
              "Exact top activations, interval samples, histograms and density of every feature over the store.")
     register(samples_app, "export", export.ExportConfig, export.run_export,
              "Write feature samples as JSON or as an offline HTML feature browser.")
+    register(export_app, "circuit-tracer", interop.CircuitTracerConfig, interop.run_circuit_tracer,
+             "One run per layer as circuit-tracer's transcoder set (layer_{i}.safetensors, config.yaml), "
+             "normalisation folded in.")
+    register(export_app, "saelens", interop.SAELensConfig, interop.run_saelens,
+             "One run as a SAELens JumpReLU (skip) transcoder (cfg.json, sae_weights.safetensors), normalisation "
+             "folded in.")
 
 
 @samples_app.command("show")

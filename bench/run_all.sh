@@ -5,7 +5,7 @@ set -u
 cd "$(dirname "$0")/.."
 out=data/bench
 mkdir -p "$out"
-all="cache_tiny cache_g3 train samples quality peers outliers dead_latents transcoders eval"
+all="cache_tiny cache_g3 train samples quality peers outliers dead_latents transcoders eval interop"
 demo_store=data/demo/gemma-3-270m_l6.zarr              # made by `tc demo`
 licences=data/bench/g3-l6-licenses.zarr                # another text, for held-out rows
 held_out() {   # the licence texts of /usr/share/common-licenses as .txt files, cached once
@@ -28,6 +28,10 @@ for name in ${@:-$all}; do
     transcoders) held_out && python bench/peers/transcoders.py --train-store $demo_store --heldout-store $licences \
                    --steps 300 --json $out/transcoders.json ;;
     eval)       python bench/bench_eval.py --run data/demo/run --repeats 2 --threads 1 --json $out/eval.json ;;
+    interop)    python bench/interop/compare.py --run data/demo/run --rows 4096 --json $out/interop.json \
+                  && python bench/interop/make_set.py --model tiny --work $out/interop-tiny \
+                  && "$(python bench/interop/venvs.py circuit-tracer | cut -d' ' -f2)" bench/interop/attribution_graph.py \
+                       --model $out/interop-tiny/model --set $out/interop-tiny/set --out $out/interop-tiny/graph ;;
   esac 2>"$out/$name.stderr" | tee "$out/$name.txt"
 done
 echo "=== done $(date +%T)"

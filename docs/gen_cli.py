@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import cache, collect, demo, evaluate, export, train  # noqa: E402
+from pipeline import cache, collect, demo, evaluate, export, interop, train  # noqa: E402
 
 COMMANDS = [
     ("tc demo", demo.DemoConfig),
@@ -20,6 +20,8 @@ COMMANDS = [
     ("tc samples collect", collect.CollectConfig),
     ("tc samples export", export.ExportConfig),
     ("tc eval", evaluate.EvalConfig),
+    ("tc export circuit-tracer", interop.CircuitTracerConfig),
+    ("tc export saelens", interop.SAELensConfig),
 ]
 OUT = Path(__file__).parent / "cli.md"
 
