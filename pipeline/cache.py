@@ -264,9 +264,57 @@ def batches(seqs: Iterator[np.ndarray], n_seqs: int, batch_size: int) -> Iterato
 
 
 def run_cache(cfg: CacheConfig) -> dict[str, Any]:
-    """Stage one end to end. Returns the summary it prints."""
-    from pipeline import forward, models, text
+    """Stage one end to end. Returns the summary it prints. Under torchrun each process writes its own
+    chunks and rank 0 speaks for the job (docs/distributed.md); a plain run is a job of one."""
+    from pipeline import dist
     cfg = checked(cfg)
+    job = dist.join(dist.from_env())
+    try:
+        with dist.quiet_stdout(job):
+            return cache_job(cfg, job)
+    finally:
+        dist.leave(job)
+
+
+def cache_job(cfg: CacheConfig, job: Any) -> dict[str, Any]:
+    plan = job.on_main(lambda: plan_store(cfg))   # the others wait here, then learn rank 0's decision
+    if plan["done"] is not None:
+        return plan["done"]
+    docs, lm, hooks = job.on_all(lambda: load(cfg, job))
+    out, writer = cfg.resolved_out(), None
+
+    def create() -> list[int]:
+        nonlocal writer
+        check_disk(cfg, out, plan["action"], lm.d_model)
+        writer = open_writer(cfg, out, plan["action"], lm, hooks)
+        if plan["damaged"]:
+            writer.uncommit(plan["damaged"])
+        return writer.pending_chunks()
+
+    try:
+        pending = job.on_main(create)   # the store exists, with its damaged chunks uncommitted, once this returns
+        writer = writer or StoreWriter.attach(out)
+        # chunk c is rank c % world's: the only process that writes any of its objects
+        owned = [c for c in pending if c % job.world == job.rank]
+        vocab = ThreadPoolExecutor(1).submit(vocab_strings, lm) if job.main else None
+        try:
+            n_rows, seconds = job.on_all(lambda: write_store(cfg, writer, lm, hooks, docs, owned, job.main))
+        except UserError:
+            if job.main and plan["action"] == "create" and not writer.n_chunks - len(writer.pending_chunks()):
+                writer.close()
+                shutil.rmtree(out)   # made by this run and still empty: leave nothing behind
+            raise
+        if not job.main:   # every chunk is committed (on_all was the barrier): rank 0 finalises
+            return {"store": str(out), "rank": job.rank, "chunks": len(owned)}
+        return finish(cfg, writer, n_rows, seconds, vocab.result())
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def plan_store(cfg: CacheConfig) -> dict[str, Any]:
+    """What rank 0 decides before any model loads: create, resume or done, and the damaged chunks."""
+    from pipeline import text
 
     validate(cfg)
     out = cfg.resolved_out()
@@ -277,28 +325,29 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
         store = Store(out)
         checked_note = "every chunk matches its checksum" if store.has_checksums else "made before checksums"
         print(f"{out} is already complete ({store.n_rows:,} rows; {checked_note}): nothing to do")
-        return {"store": str(out), "tokens": store.n_rows, "skipped": True}
+        return {"done": {"store": str(out), "tokens": store.n_rows, "skipped": True}}
     text.prescan(cfg.dataset, cfg.text_column, cfg.text_errors)   # a bad local file fails before the store exists
+    return {"action": action, "damaged": damaged, "done": None}
+
+
+def load(cfg: CacheConfig, job: Any) -> tuple[Iterator[str], Any, list[str]]:
+    """The text stream, the model and its hooks: every rank needs all three."""
+    from pipeline import forward, models, text
+
     docs = text.iter_documents(cfg.dataset, split=cfg.split, config=cfg.dataset_config, text_column=cfg.text_column,
                                text_errors=cfg.text_errors)
-    device = pick_device(cfg.device)
-    status(f"cache: loading {cfg.model} on {device}")
+    device = job.device(pick_device(cfg.device))
+    if job.main:
+        status(f"cache: loading {cfg.model} on {device}")
     lm = models.load_model(cfg.model, device=device, dtype=compute_dtype(cfg, device))
     check_context(cfg, lm)
-    hooks = forward.check_hooks(lm, cfg.layer, [cfg.source, cfg.target])
-    check_disk(cfg, out, action, lm.d_model)
-    writer = open_writer(cfg, out, action, lm, hooks)
-    if damaged:
-        writer.uncommit(damaged)
-    try:
-        return write_store(cfg, writer, lm, hooks, docs)
-    except UserError:
-        if action == "create" and not writer.n_chunks - len(writer.pending_chunks()):
-            writer.close()
-            shutil.rmtree(out)   # made by this run and still empty: leave nothing behind
-        raise
-    finally:
-        writer.close()
+    return docs, lm, forward.check_hooks(lm, cfg.layer, [cfg.source, cfg.target])
+
+
+def vocab_strings(lm: Any) -> list[str]:
+    from pipeline import models
+
+    return models.vocab_strings(lm.tokenizer)
 
 
 def open_writer(cfg: CacheConfig, out: Path, action: str, lm: Any, hooks: list[str]) -> StoreWriter:
@@ -329,19 +378,22 @@ def open_writer(cfg: CacheConfig, out: Path, action: str, lm: Any, hooks: list[s
                               compress=cfg.compress, outlier_factor=cfg.outlier_factor)
 
 
-def write_store(cfg: CacheConfig, writer: StoreWriter, lm: Any, hooks: list[str], docs: Iterator[str]) -> dict[str, Any]:
-    from pipeline import forward, models, text
+def write_store(cfg: CacheConfig, writer: StoreWriter, lm: Any, hooks: list[str], docs: Iterator[str],
+                owned: list[int], progress: bool = True) -> tuple[int, float]:
+    """Compute and write the chunks in `owned` (uncommitted ones): (rows the text gave, seconds).
 
-    # the vocabulary (a decode of every token id, seconds for 256k ids) is only needed once the
-    # store is complete: compute it beside the forward passes
-    vocab = ThreadPoolExecutor(1).submit(models.vocab_strings, lm.tokenizer)
+    Every batch that holds a sequence of an owned chunk is computed whole, so a batch that straddles
+    two processes' chunks is computed by both, each keeping its own rows: the batches, and so the
+    bits, are the single-process run's whatever the number of processes."""
+    from pipeline import forward, text
+
     seq_len, chunk_rows = cfg.seq_len, writer.chunk_rows
     spc = chunk_rows // seq_len                       # sequences per chunk
     n_seqs = writer.n_rows_planned // seq_len
-    pending = set(writer.pending_chunks())
-    done_rows = (writer.n_chunks - len(pending)) * chunk_rows
-    bar = tqdm(total=n_seqs * seq_len, initial=min(done_rows, n_seqs * seq_len), unit="tok", unit_scale=True,
-               desc=f"cache {cfg.model} L{cfg.layer}", smoothing=0.05)
+    pending = set(owned)
+    todo = sum(min(chunk_rows, n_seqs * seq_len - c * chunk_rows) for c in pending)
+    bar = tqdm(total=n_seqs * seq_len, initial=n_seqs * seq_len - todo, unit="tok", unit_scale=True,
+               desc=f"cache {cfg.model} L{cfg.layer}", smoothing=0.05, disable=not progress)
     bg = BackgroundWriter(writer)
     buffers: dict[int, ChunkBuffer] = {}
     seen = 0
@@ -352,7 +404,7 @@ def write_store(cfg: CacheConfig, writer: StoreWriter, lm: Any, hooks: list[str]
             seen = first + len(toks)
             chunks = {s // spc for s in range(first, seen)}
             if not chunks & pending:
-                continue                              # already on disk: only the tokenizer ran
+                continue                              # on disk, or another process's: only the tokenizer ran
             acts = forward.forward_hooks(lm, torch.from_numpy(toks), cfg.layer, hooks, on_device=True)
             (src, src_over), (tgt, tgt_over) = (to_fp16(acts[h]) for h in hooks)   # (B * T, d) rows
             for j in range(len(toks)):
@@ -363,9 +415,9 @@ def write_store(cfg: CacheConfig, writer: StoreWriter, lm: Any, hooks: list[str]
                         buffers[c] = ChunkBuffer(spc, seq_len, lm.d_model)
                     buf = buffers[c]
                     buf.put(slot, src[rows], tgt[rows], toks[j], src_over[rows], tgt_over[rows])
+                    bar.update(seq_len)
                     if buf.full():
                         bg.submit(c, *buffers.pop(c).parts(lm.bos_id))
-            bar.update(len(toks) * seq_len)
         for c, buf in sorted(buffers.items()):        # text ran out inside this chunk
             bg.submit(c, *buf.parts(lm.bos_id))
         bg.close()
@@ -374,7 +426,7 @@ def write_store(cfg: CacheConfig, writer: StoreWriter, lm: Any, hooks: list[str]
     if seen == 0:
         raise UserError(f"{cfg.dataset} gave no text long enough for one {seq_len}-token sequence: "
                         "check the dataset, its --text-column, or lower --seq-len")
-    return finish(cfg, writer, min(seen, n_seqs) * seq_len, time.perf_counter() - t0, vocab.result())
+    return min(seen, n_seqs) * seq_len, time.perf_counter() - t0
 
 
 class ChunkBuffer:

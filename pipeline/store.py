@@ -3,7 +3,8 @@
 Rows are tokens. Row r belongs to sequence r // seq_len at position r % seq_len, and to chunk
 r // chunk_rows. Every chunk is written whole and then committed by writing its row of
 `chunk_meta` last, so a crash leaves at most an uncommitted chunk that a resume rewrites.
-Chunks are independent, so several writers may each own a disjoint set of chunks.
+Chunks are independent, so several writers may each own a disjoint set of chunks (tc cache under
+torchrun: docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -185,6 +186,12 @@ class StoreWriter:
         lock = WriterLock(Path(path))
         lock.acquire()
         return cls(path, zarr.open_group(str(path), mode="r+"), lock)
+
+    @classmethod
+    def attach(cls, path: str | Path) -> "StoreWriter":
+        """A store whose lock another process of the same job holds (rank 0 under torchrun), to write
+        the chunks this process owns; its own lock is never taken, so closing it releases nothing."""
+        return cls(path, zarr.open_group(str(path), mode="r+"), WriterLock(Path(path)))
 
     def pending_chunks(self) -> list[int]:
         committed = self.group["chunk_meta"][:, 0]
