@@ -11,7 +11,6 @@ and the scale they compare with, plus the load time.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -21,6 +20,8 @@ import torch
 import yaml
 from circuit_tracer.transcoder.single_layer_transcoder import load_relu_transcoder
 from circuit_tracer.utils.hf_utils import load_transcoders
+
+from peer_check import arguments, compare   # beside this script
 
 
 def load_set(folder: Path) -> tuple[dict, dict, float, str]:
@@ -43,15 +44,8 @@ def load_set(folder: Path) -> tuple[dict, dict, float, str]:
     return layers, config, time.perf_counter() - start, how
 
 
-def compare(tc_side: np.ndarray, peer: torch.Tensor) -> float:
-    return float(np.abs(peer.detach().double().numpy() - tc_side.astype(np.float64)).max())
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--export", required=True)
-    p.add_argument("--rows", required=True)
-    a = p.parse_args()
+    a = arguments(__doc__.split("\n\n")[0])
     tset, config, load_s, how = load_set(Path(a.export))
     rows = np.load(a.rows)
     layers = sorted(int(k[2:]) for k in rows.files if k.startswith("x_"))

@@ -7,7 +7,6 @@ ROWS.npz as for check_circuit_tracer.py (one layer: x_L, pre_L, acts_L, pred_L).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -15,16 +14,11 @@ import numpy as np
 import torch
 from sae_lens import SAE
 
-
-def compare(tc_side: np.ndarray, peer: torch.Tensor) -> float:
-    return float(np.abs(peer.detach().double().numpy() - tc_side.astype(np.float64)).max())
+from peer_check import arguments, compare   # beside this script
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--export", required=True)
-    p.add_argument("--rows", required=True)
-    a = p.parse_args()
+    a = arguments(__doc__.split("\n\n")[0])
     start = time.perf_counter()
     sae = SAE.load_from_disk(a.export, device="cpu")
     load_s = time.perf_counter() - start
