@@ -124,24 +124,52 @@ def long_text(path: Path, copies: int = 4) -> Path:
     return path
 
 
+def job_processes(pid: int) -> list[int]:
+    """torchrun and its workers: torchrun starts each worker in a session of its own, so signalling
+    torchrun's process group would leave the workers running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue   # the process ended while we looked
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
+    return found
+
+
+def signal_job(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.mark.slow   # minutes here: three jobs on two shared cores
 def test_a_second_job_on_the_same_store_is_refused(tmp_path):
     out = tmp_path / "w.zarr"
     args = [*TINY_ARGS, "--dataset", str(long_text(tmp_path / "long.txt")), "--tokens", "1M", "--out", str(out)]
     first = subprocess.Popen(torchrun_command(2, args), cwd=REPO, env=job_env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+                             stderr=subprocess.DEVNULL)
+    pids = [first.pid]
     try:
         while not (out / "chunk_meta" / "c").exists():   # a first chunk is committed
             assert first.poll() is None
             time.sleep(0.1)
-        os.killpg(first.pid, signal.SIGSTOP)   # alive and holding the store, but off the two cores
+        pids = job_processes(first.pid)
+        assert len(pids) == 3, pids   # torchrun and its two workers
+        signal_job(pids, signal.SIGSTOP)   # alive and holding the store, but off the two cores
         r = torchrun(2, args)
         assert_one_line_from_tc(r, "another tc process")
         r = tc(args)   # nor may a plain run write into it
         assert r.returncode == 2 and "another tc process" in r.stderr
-        assert first.poll() is None   # the first job was not disturbed
+        assert first.poll() is None and not Store(out).complete   # the first job was not disturbed
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
+        signal_job(pids, signal.SIGKILL)
         first.wait()
 
 
