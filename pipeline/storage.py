@@ -151,6 +151,10 @@ class Location:
             self.fs.pipe_file(self._key(name), text.encode("utf-8"), mode="create")
         except FileExistsError:
             return False
+        except (TypeError, NotImplementedError) as e:   # an fsspec or backend from before exclusive create
+            raise UserError(f"{self.url}: this filesystem cannot create an object only if it is absent "
+                            f"({_one_line(e)}), which tc's writer lock needs: upgrade fsspec and its backend "
+                            "(pip install 'tc[s3]' or 'tc[gcs]')") from None
         return True
 
     def remove(self, name: str) -> None:

@@ -439,6 +439,7 @@ class Store:
 
     def __init__(self, path: str | Path):
         self.path = str(path)
+        self._arrays: dict[str, zarr.Array] = {}
         if not is_store(path):
             raise UserError(f"{path} is not a tc activation store: make one with `tc cache --out {path}`")
         self.group = open_group_checked(self.path)
@@ -510,11 +511,17 @@ class Store:
     def _read(self, name: str, start: int, stop: int, c: int | None = None) -> np.ndarray:
         """Rows start..stop of an array; a chunk that cannot be decoded is damage, not a traceback."""
         try:
-            return self.group[name][start:stop]
+            return self._opened(name)[start:stop]
         except Exception as e:
             if isinstance(e, UserError):
                 raise
             raise self.damage(name, c if c is not None else start // self.chunk_rows) from None
+
+    def _opened(self, name: str) -> zarr.Array:
+        # opened once: each opening reads the array's zarr.json, a round trip on an object store
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
 
     def _checked(self, name: str, c: int, values: np.ndarray) -> np.ndarray:
         crc = self.crc
