@@ -150,7 +150,7 @@ def check_disk(cfg: CacheConfig, out: Path, action: str, d_model: int) -> None:
         rows = max(0, store.n_chunks - len(store.committed_chunks())) * chunk_rows
     need = rows * bytes_per_row(d_model)
     print(f"caching {total:,} tokens ({total // cfg.seq_len:,} sequences of {cfg.seq_len:,}) into {out}: about "
-          f"{human_bytes(total * bytes_per_row(d_model))} on disk"
+          f"{human_bytes(total * bytes_per_row(d_model))} {'stored' if is_remote(out) else 'on disk'}"
           + (f", {human_bytes(need)} of it still to write" if action != "create" else ""), flush=True)
     if not is_remote(out):   # an object store has no free space to ask about
         check_free_space(out, need, f"the store {out}", "free some space, choose another --out, or cache fewer --tokens")

@@ -168,6 +168,19 @@ def test_kill_9_while_caching_to_s3_and_resume_equals_the_local_store(s3, local_
     assert not Location(url).exists(LOCK_NAME)
 
 
+def test_two_torchrun_ranks_write_an_s3_store_equal_to_the_local_one(s3, local_store):
+    url = f"s3://{BUCKET}/two-ranks.zarr"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                        "127.0.0.1", "--master-port", str(port), "-m", "cli", *TINY_CACHE, "--out", url],
+                       capture_output=True, text=True, cwd=REPO, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_store(url, local_store)
+
+
 # ----------------------------------------------------------------------------- one writer
 
 def test_the_lock_object_is_made_with_a_conditional_put(s3):
