@@ -7,7 +7,7 @@ from typing import Any
 
 from pipeline.metrics import read_metrics
 from pipeline.run import TRANSCODER, Run, is_run
-from pipeline.storage import Location, is_remote
+from pipeline.storage import Location, is_remote, local_path
 from pipeline.store import OUTLIER_FACTOR, Store, is_store
 from pipeline.util import UserError
 
@@ -21,7 +21,7 @@ def describe(path: str | Path) -> str:
         if not is_store(path):
             raise UserError(f"{path} is not a tc store: give a store (tc cache --out) or a local run folder")
         return "\n".join(describe_store(path))
-    path = Path(path)
+    path = local_path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist: give a store (tc cache --out) or a run folder (tc train --out)")
     if is_store(path):
@@ -33,7 +33,7 @@ def describe(path: str | Path) -> str:
 
 def verify_report(path: str | Path) -> str:
     """One line saying all is intact; a UserError naming what is damaged and what to do otherwise."""
-    path = path if is_remote(path) else Path(path)
+    path = path if is_remote(path) else local_path(path)
     if is_store(path):
         s = Store(path)
         if not s.has_checksums:
