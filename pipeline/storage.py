@@ -26,7 +26,9 @@ from pipeline.util import UserError, process_alive, write_file_atomic
 # The fsspec package each protocol needs, and the tc extra that installs it.
 PACKAGES = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
 # zarr's async.concurrency for object stores: how many requests one read or write keeps in flight.
-# zarr's default (10) leaves most of a link to S3 idle; a chunk is one object of a few MB.
+# A whole-row read (tokens, flags: every chunk's object) is one request per chunk, each waiting tens
+# of ms on S3, so zarr's default of 10 would leave the link idle. Not measured against real S3 here
+# (docs/object-storage.md); ZARR_ASYNC__CONCURRENCY overrides it.
 CONCURRENCY = 64
 OPTIONS_VAR = "TC_STORAGE_OPTIONS"
 
