@@ -8,7 +8,7 @@ from typing import Any
 from pipeline.metrics import read_metrics
 from pipeline.run import TRANSCODER, Run, is_run
 from pipeline.store import OUTLIER_FACTOR, Store, is_store
-from pipeline.util import UserError
+from pipeline.util import UserError, format_layers
 
 
 def folder_bytes(path: Path) -> int:
@@ -76,18 +76,26 @@ def cache_command(config: dict[str, Any]) -> str:
 def describe_store(path: Path) -> list[str]:
     s = Store(path)
     a = s.attrs
+    if s.multi_layer:
+        hooks = {k: v.split(".")[-1] for k, v in a["hooks"].items()}
+        model = (f"model      {a.get('model')} ({a.get('hf_name')}), {len(s.layers)} layers "
+                 f"{format_layers(s.layers)}, d_model {s.d_model}")
+        hook_line = f"hooks      blocks.L.{hooks['source']} -> blocks.L.{hooks['target']} of each layer L"
+    else:
+        model = f"model      {a.get('model')} ({a.get('hf_name')}), layer {a.get('layer')}, d_model {s.d_model}"
+        hook_line = f"hooks      {a['hooks']['source']} -> {a['hooks']['target']}"
     lines = [f"store      {path}  (tc-store v{a['schema_version']}, {folder_bytes(path) / 1e6:,.1f} MB on disk)",
-             f"model      {a.get('model')} ({a.get('hf_name')}), layer {a.get('layer')}, d_model {s.d_model}",
-             f"hooks      {a['hooks']['source']} -> {a['hooks']['target']}",
-             f"text       {json.dumps(a.get('dataset'))}",
+             model, hook_line, f"text       {json.dumps(a.get('dataset'))}",
              f"layout     seq_len {s.seq_len}, {s.chunk_rows} rows per chunk, fp16 (computed in {a.get('compute_dtype')})"]
     if s.complete:
-        st = s.stats()   # for a store made before the outlier rule, without its outlier rows
-        lines += [f"state      complete: {s.n_rows:,} tokens in {s.n_chunks} chunks",
-                  f"stats      mean norm source {st['source']['mean_norm']:,.1f}, target {st['target']['mean_norm']:,.1f} "
-                  f"over {st['source']['count']:,} rows; {a.get('n_bos_rows', 0):,} BOS rows, "
-                  f"{a['overflow']['rows']:,} rows clamped to fp16",
-                  outlier_line(s)]
+        lines.append(f"state      complete: {s.n_rows:,} tokens in {s.n_chunks} chunks; {a.get('n_bos_rows', 0):,} BOS rows")
+        for layer in s.layers:
+            view = s.layer_view(layer) if s.multi_layer else s
+            st = view.stats()   # for a store made before the outlier rule, without its outlier rows
+            head = f"layer {layer:<4} " if s.multi_layer else "stats      "
+            lines += [f"{head}mean norm source {st['source']['mean_norm']:,.1f}, target {st['target']['mean_norm']:,.1f} "
+                      f"over {st['source']['count']:,} rows; {view.attrs['overflow']['rows']:,} rows clamped to fp16",
+                      outlier_line(view)]
     else:
         done = int(s.group["chunk_meta"][:, 0].sum())
         total = s.group["chunk_meta"].shape[0]

@@ -1,0 +1,131 @@
+"""Several layers in one store (`tc cache --layers`, schema 2) and a set of transcoders trained
+from one pass over it (`tc train --layers`): each layer equals its one-layer counterpart, bit for
+bit; interrupted work resumes to the same bits."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline.store import Store
+
+# tiny has 4 blocks; 64-token sequences, 4 per chunk, forward batches of 3 (they straddle chunks)
+BASE = ["cache", "--model", "tiny", "--dataset", "python-docs", "--tokens", "3000", "--seq-len", "64",
+        "--chunk-rows", "256", "--batch-size", "3"]
+MULTI = [*BASE, "--layers", "1,3"]
+LAYER_ARRAYS = ["source", "target", "flags", "chunk_stats", "chunk_norms", "chunk_meta",
+                "stats/source_mean", "stats/source_var", "stats/target_mean", "stats/target_var"]
+SHARED = ["tokens", "vocab/offsets", "vocab/bytes"]
+ROOT = Path(__file__).parent.parent
+
+
+def tc_inproc(args: list[str]):
+    return CliRunner().invoke(app, args)
+
+
+def tc(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> dict[str, Path]:
+    """The two-layer store and the one-layer stores of the same layers, same text and settings."""
+    root = tmp_path_factory.mktemp("layers")
+    out = {"multi": root / "m.zarr", 1: root / "l1.zarr", 3: root / "l3.zarr"}
+    for args, path in ((MULTI, out["multi"]), ([*BASE, "--layer", "1"], out[1]), ([*BASE, "--layer", "3"], out[3])):
+        r = tc_inproc([*args, "--out", str(path)])
+        assert r.exit_code == 0, r.output
+    return out
+
+
+def assert_same_multi(a: Path, b: Path, layers=(1, 3)) -> None:
+    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
+    names = SHARED + ["chunk_meta", "chunk_crc"] + [f"layers/{L}/{n}" for L in layers for n in LAYER_ARRAYS]
+    for name in names:
+        assert np.array_equal(ga[name][:], gb[name][:]), name
+    drop = {"versions", "config"}
+    assert ({k: v for k, v in ga.attrs.asdict().items() if k not in drop}
+            == {k: v for k, v in gb.attrs.asdict().items() if k not in drop})
+
+
+def test_each_layer_of_a_multi_layer_store_is_its_one_layer_store_bit_for_bit(stores):
+    m = zarr.open_group(str(stores["multi"]), mode="r")
+    assert m.attrs["schema_version"] == 2 and m.attrs["layers"] == [1, 3]
+    for layer in (1, 3):
+        one = zarr.open_group(str(stores[layer]), mode="r")
+        assert one.attrs["schema_version"] == 1   # --layer still writes schema 1
+        for name in LAYER_ARRAYS:
+            assert np.array_equal(m[f"layers/{layer}/{name}"][:], one[name][:]), (layer, name)
+        for name in SHARED:
+            assert np.array_equal(m[name][:], one[name][:]), name
+        view, single = Store(stores["multi"], layer), Store(stores[layer])
+        assert view.hooks == single.hooks and view.attrs["layer"] == layer
+        for key in ("stats", "overflow", "n_bos_rows", "n_outlier_rows"):
+            assert view.attrs[key] == single.attrs[key], key
+        a, b = view.read_rows(100, 700), single.read_rows(100, 700)
+        assert np.array_equal(a.source, b.source) and np.array_equal(a.target, b.target)
+        assert np.array_equal(view.flags, single.flags)
+    # the layers differ from each other (a store that wrote one layer twice would pass the above)
+    assert not np.array_equal(m["layers/1/source"][:], m["layers/3/source"][:])
+
+
+def test_a_multi_layer_store_needs_a_layer_to_read_activations(stores):
+    s = Store(stores["multi"])
+    assert s.layers == [1, 3] and s.layer is None and s.complete and s.n_rows == 3008
+    assert len(s.tokens) == 3008 and s.verify(progress=False) == []   # the shared parts need no layer
+    with pytest.raises(Exception, match=r"holds layers 1,3: say which one to read"):
+        s.read_chunk(0)
+    with pytest.raises(Exception, match=r"holds layers 1,3, not layer 2"):
+        Store(stores["multi"], 2)
+    with pytest.raises(Exception, match=r"holds layer 1 only, not layer 3"):
+        Store(stores[1], 3)
+
+
+@pytest.mark.parametrize("kill_at", ["chunk_committed:2", "chunk_before_commit:3", "finalize_before_mark:1"])
+def test_kill_minus_9_then_resume_of_a_multi_layer_cache_is_bit_identical(stores, tmp_path, kill_at):
+    out = tmp_path / "k.zarr"
+    killed = tc([*MULTI, "--out", str(out)], TC_KILL_AT=kill_at)
+    assert killed.returncode == -signal.SIGKILL
+    assert not Store(out).complete
+    resumed = tc([*MULTI, "--out", str(out)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_multi(stores["multi"], out)
+
+
+def test_a_damaged_layer_chunk_is_caught_and_the_rerun_repairs_it(stores, tmp_path):
+    import shutil
+
+    out = tmp_path / "d.zarr"
+    shutil.copytree(stores["multi"], out)
+    chunk = out / "layers" / "3" / "target" / "c" / "2" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[10] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(Exception, match=r"chunk 2 of layers/3/target"):
+        Store(out, 3).read_chunk(2)
+    assert Store(out).verify(progress=False) == [("layers/3/target", 2)]
+    r = tc_inproc([*MULTI, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "recomputing 1 chunk" in r.output
+    assert_same_multi(stores["multi"], out)
+
+
+def test_the_disk_estimate_counts_every_layer_and_bad_layers_are_one_line(tmp_path):
+    r = tc_inproc([*BASE, "--layers", "0-3", "--tokens", "128", "--out", str(tmp_path / "e.zarr")])
+    assert r.exit_code == 0, r.output
+    assert "4 layers x 2 x 64 x 2 bytes" in r.output
+    assert Store(tmp_path / "e.zarr").layers == [0, 1, 2, 3]
+    for spec, words in (("1,9", "out of range"), ("3-1", "bad --layers"), ("a", "bad --layers")):
+        r = tc([*BASE, "--layers", spec, "--out", str(tmp_path / "bad.zarr")])
+        assert r.returncode != 0 and words in r.stderr + r.stdout and "Traceback" not in r.stderr, spec
+        assert not (tmp_path / "bad.zarr").exists()
