@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.metrics import read_metrics
-from pipeline.run import TRANSCODER, Run, is_run
+from pipeline.run import TRANSCODER, Run, RunSet, is_run, is_set
 from pipeline.store import OUTLIER_FACTOR, Store, is_store
 from pipeline.util import UserError, format_layers
 
@@ -23,7 +23,9 @@ def describe(path: str | Path) -> str:
         return "\n".join(describe_store(path))
     if is_run(path):
         return "\n".join(describe_run(Run(path)))
-    raise UserError(f"{path} is neither a tc store nor a tc run folder")
+    if is_set(path):
+        return "\n".join(describe_set(RunSet(path)))
+    raise UserError(f"{path} is neither a tc store, a tc run folder nor a set of them")
 
 
 def verify_report(path: str | Path) -> str:
@@ -40,6 +42,8 @@ def verify_report(path: str | Path) -> str:
             raise UserError(f"{path} is damaged: {len(damaged)} checksum mismatch(es) ({what}{more}): re-run "
                             f"`{cache_command(s.attrs.get('config', {}))}` to recompute them")
         return f"verified   all {len(s.committed_chunks())} written chunks and the statistics match their checksums"
+    if is_set(path) and not is_run(path):
+        return "\n".join(f"{run.path.name}: {verify_run(run)}" for run in RunSet(path).runs() if run.exists)
     return verify_run(Run(path))
 
 
@@ -161,5 +165,29 @@ def describe_run(run: Run) -> list[str]:
     if extras:
         lines.append("samples    " + ", ".join(extras))
     v = cfg.get("versions", {})
+    lines.append("made by    " + ", ".join(f"{k} {v[k]}" for k in ("tc", "torch", "zarr") if k in v))
+    return lines
+
+
+def describe_set(runset: RunSet) -> list[str]:
+    """A set: what made it, and each layer's run in a line (`tc info SET/layer_L` says more)."""
+    m = runset.manifest()
+    cfg = m.get("config", {})
+    lines = [f"set        {runset.path}  ({folder_bytes(runset.path) / 1e6:,.1f} MB on disk): one transcoder per "
+             f"layer, layers {format_layers(m['layers'])}, trained from one pass over {m.get('store')}",
+             f"dictionary {cfg.get('dict_size'):,} latents, groups {cfg.get('groups')}, k {cfg.get('k')}, "
+             f"lr {cfg.get('lr')}, batch {cfg.get('batch_size')}"]
+    for run in runset.runs():
+        if not run.exists:
+            lines.append(f"layer {run.path.name:<9} not started")
+            continue
+        rows = read_metrics(run.metrics_file)
+        last = rows[-1] if rows else {}
+        state = "complete" if run.finished else f"interrupted at {run.latest_step_name() or 'step 0'}"
+        fvu = f", FVU {last['fvu']:.4f}, L0 {last['l0']:.1f}, dead {last['dead_features']}" if last else ""
+        lines.append(f"{run.path.name:<10} {state} ({run.config().get('total_steps')} steps){fvu}")
+    if not runset.finished:
+        lines.append(f"resume     tc train --resume {runset.path}")
+    v = m.get("versions", {})
     lines.append("made by    " + ", ".join(f"{k} {v[k]}" for k in ("tc", "torch", "zarr") if k in v))
     return lines

@@ -129,3 +129,119 @@ def test_the_disk_estimate_counts_every_layer_and_bad_layers_are_one_line(tmp_pa
         r = tc([*BASE, "--layers", spec, "--out", str(tmp_path / "bad.zarr")])
         assert r.returncode != 0 and words in r.stderr + r.stdout and "Traceback" not in r.stderr, spec
         assert not (tmp_path / "bad.zarr").exists()
+
+
+# ----------------------------------------------------------------------------- a set from one pass
+
+TRAIN = ["--dict-size", "256", "--groups", "32,64,128,32", "--k", "8", "--batch-size", "128", "--steps", "24",
+         "--log-every", "4", "--checkpoint-every", "4", "--sample-every", "4", "--seed", "5"]
+
+
+def weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "transcoder.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    import torch
+
+    wa, wb = weights(a), weights(b)
+    assert sorted(wa) == sorted(wb)
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+@pytest.fixture(scope="module")
+def trained(stores, tmp_path_factory) -> dict[str, Path]:
+    """A set of layers 1 and 3, and single-layer runs of the same layers with the same seed: layer 1
+    from the multi-layer store (--layer 1), layer 3 from the one-layer store of layer 3."""
+    root = tmp_path_factory.mktemp("sets")
+    out = {"set": root / "set", 1: root / "r1", 3: root / "r3"}
+    for args in (["--cache", str(stores["multi"]), "--layers", "all", "--out", str(out["set"])],
+                 ["--cache", str(stores["multi"]), "--layer", "1", "--out", str(out[1])],
+                 ["--cache", str(stores[3]), "--out", str(out[3])]):
+        r = tc_inproc(["train", *args, *TRAIN])
+        assert r.exit_code == 0, r.output
+    return out
+
+
+def test_each_transcoder_of_a_set_equals_the_single_layer_run_with_the_same_seed(trained):
+    s = trained["set"]
+    manifest = json.loads((s / "set.json").read_text())
+    assert manifest["layers"] == [1, 3] and manifest["config"]["layers"] == "all" and "versions" in manifest
+    assert_same_weights(s / "layer_1", trained[1])
+    assert_same_weights(s / "layer_3", trained[3])   # and the one-layer store's run: the same rows
+    # everything a run has, per layer; the samples and the losses too
+    for layer in (1, 3):
+        run = s / f"layer_{layer}"
+        assert json.loads((run / "config.json").read_text())["layer"] == layer
+        assert (run / "activation_samples" / "samples.safetensors").read_bytes() == \
+            (trained[layer] / "activation_samples" / "samples.safetensors").read_bytes()
+        losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert losses == [json.loads(line)["loss"] for line in (trained[layer] / "metrics.jsonl").read_text().splitlines()]
+    # two different transcoders (a set that trained one layer twice would pass the above for layer 1)
+    import torch
+    assert not torch.equal(weights(s / "layer_1")["W_enc"], weights(s / "layer_3")["W_enc"])
+
+
+@pytest.mark.parametrize("kill", [{"TC_KILL_AT": "checkpoint_written:3"}, {"TC_TRAIN_KILL_AT_STEP": "10"}])
+def test_a_set_killed_mid_training_resumes_to_the_same_transcoders(stores, trained, tmp_path, kill):
+    """checkpoint_written:3 kills after layer 1's checkpoint of step 8 and before layer 3's: the
+    resume finds its layers at different steps and brings layer 3 up first."""
+    out = tmp_path / "set"
+    args = ["train", "--cache", str(stores["multi"]), "--layers", "1,3", "--out", str(out), *TRAIN]
+    killed = tc(args, **kill)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (out / "layer_1" / "summary.json").exists()
+    steps = [(out / f"layer_{L}" / "checkpoints" / "latest").read_text().strip() for L in (1, 3)]
+    if "TC_KILL_AT" in kill:
+        assert steps == ["step_000008", "step_000004"]
+    resumed = tc(["train", "--resume", str(out)])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for layer in (1, 3):
+        assert_same_weights(out / f"layer_{layer}", trained["set"] / f"layer_{layer}")
+    again = tc(["train", "--resume", str(out)])
+    assert again.returncode == 0 and "finished already" in again.stdout
+
+
+def test_a_set_exports_and_its_runs_work_with_every_stage(stores, trained, tmp_path):
+    s = trained["set"]
+    whole, listed = tmp_path / "ct-set", tmp_path / "ct-runs"
+    assert tc_inproc(["export", "circuit-tracer", "--run", str(s), "--out", str(whole)]).exit_code == 0
+    assert tc_inproc(["export", "circuit-tracer", "--run", f"{s / 'layer_1'},{s / 'layer_3'}",
+                      "--out", str(listed)]).exit_code == 0
+    for name in ("layer_1.safetensors", "layer_3.safetensors", "config.yaml"):
+        assert (whole / name).read_bytes() == (listed / name).read_bytes(), name
+    r = tc_inproc(["export", "saelens", "--run", str(s), "--layer", "3", "--out", str(tmp_path / "sl")])
+    assert r.exit_code == 0 and json.loads((tmp_path / "sl" / "cfg.json").read_text())["metadata"]["hook_name"] \
+        == "blocks.3.hook_resid_mid"
+    r = tc(["export", "saelens", "--run", str(s), "--out", str(tmp_path / "sl2")])
+    assert r.returncode == 2 and "pass --layer L" in r.stderr and "Traceback" not in r.stderr
+    # a layer's run reads its layer of the store: the exact samples equal the one-layer run's
+    for run in (s / "layer_3", trained[3]):
+        assert tc_inproc(["samples", "collect", "--run", str(run)]).exit_code == 0
+    import torch
+    from safetensors.torch import load_file
+    a, b = (load_file(str(run / "samples" / "samples.safetensors")) for run in (s / "layer_3", trained[3]))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)   # (the metadata names the store)
+    info = tc_inproc(["info", str(s)])
+    assert info.exit_code == 0 and "layer_1    complete (24 steps)" in info.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--layers", "1,3"], "is a one-layer store"),
+    (["--layer", "1", "--layers", "1,3"], "not both"),
+])
+def test_bad_set_options_are_one_line(stores, tmp_path, args, words):
+    r = tc(["train", "--cache", str(stores[1]), *args, "--out", str(tmp_path / "x"), *TRAIN])
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("args, words", [([], "pass --layer L to train one of them"),
+                                         (["--layers", "2"], "not 2: pick --layers among them")])
+def test_a_multi_layer_store_asks_which_layers_to_train(stores, tmp_path, args, words):
+    r = tc(["train", "--cache", str(stores["multi"]), *args, "--out", str(tmp_path / "x"), *TRAIN])
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "x").exists()
