@@ -184,12 +184,9 @@ class StoreWriter:
             n_chunks = -(-n_rows // chunk_rows)
             # fp16 activations barely compress (zstd 1.08x) and reads get 2-4x slower: raw by default
             compressors = "auto" if compress else None
-            # the small arrays are a few bytes per row next to kilobytes of activations: raw too
-            group.create_array("tokens", shape=(n_rows,), chunks=(chunk_rows,), dtype="int32", fill_value=0,
-                               compressors=None)
-            for prefix in [""] if layers is None else [layer_prefix(L) for L in sorted(layers)]:
+            for i, prefix in enumerate([""] if layers is None else [layer_prefix(L) for L in sorted(layers)]):
                 create_layer_arrays(group, prefix, n_rows, d_model, chunk_rows, n_chunks, compressors,
-                                    meta=layers is not None)
+                                    meta=layers is not None, tokens=i == 0)
             group.create_array("chunk_crc", shape=(n_chunks, len(crc_arrays)), chunks=(1, len(crc_arrays)),
                                dtype="uint32", fill_value=0, compressors=None)
             if vocab is not None:
@@ -351,12 +348,16 @@ class StoreWriter:
 
 
 def create_layer_arrays(group: zarr.Group, prefix: str, n_rows: int, d_model: int, chunk_rows: int,
-                        n_chunks: int, compressors: Any, meta: bool) -> None:
+                        n_chunks: int, compressors: Any, meta: bool, tokens: bool) -> None:
     """One layer's empty arrays, under `prefix` ("" in a schema-1 store; its chunk_meta, the commit
-    row, is made last by the caller, and in a schema-2 store each layer has one of its own too)."""
+    row, is made last by the caller, and in a schema-2 store each layer has one of its own too);
+    with `tokens`, the shared token ids after the first source and target (schema 1's order)."""
     for name in ("source", "target"):
         group.create_array(prefix + name, shape=(n_rows, d_model), chunks=(chunk_rows, d_model),
                            dtype="float16", compressors=compressors, fill_value=0)
+    if tokens:   # the small arrays are a few bytes per row next to kilobytes of activations: raw too
+        group.create_array("tokens", shape=(n_rows,), chunks=(chunk_rows,), dtype="int32", fill_value=0,
+                           compressors=None)
     group.create_array(prefix + "flags", shape=(n_rows,), chunks=(chunk_rows,), dtype="uint8", fill_value=0,
                        compressors=None)
     group.create_array(prefix + "chunk_stats", shape=(n_chunks, 4, d_model), chunks=(1, 4, d_model),

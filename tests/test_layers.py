@@ -245,3 +245,12 @@ def test_a_multi_layer_store_asks_which_layers_to_train(stores, tmp_path, args, 
     r = tc(["train", "--cache", str(stores["multi"]), *args, "--out", str(tmp_path / "x"), *TRAIN])
     assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_two_ranks_under_torchrun_write_the_one_process_multi_layer_store(stores, tmp_path):
+    from test_distributed import torchrun
+
+    out = tmp_path / "two.zarr"
+    r = torchrun(2, [*MULTI, "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_multi(stores["multi"], out)
