@@ -24,7 +24,7 @@ from pipeline.config import checked
 from pipeline.store import (LOCK_NAME, OUTLIER_FACTOR, Store, StoreWriter, WriterLock, chunk_rows_for,
                             creation_interrupted, is_store, to_fp16)
 from pipeline.util import (UserError, check_free_space, fault_point, format_layers, human_bytes, interrupts_deferred,
-                           opt, parse_count, parse_layers, pick_device, status, write_config_toml)
+                           layer_spec, opt, parse_count, parse_layers, pick_device, status, write_config_toml)
 
 # Fields that define what the store holds: a re-run must agree on all of them to resume.
 IDENTITY_FIELDS = ("model", "dataset", "dataset_config", "split", "text_column", "layer", "layers", "tokens",
@@ -37,7 +37,7 @@ class CacheConfig:
     layer: int = opt(8, "Layer whose MLP is read (a one-layer store, schema 1).", "Model")
     layers: str | None = opt(None, "Several layers in one forward instead of --layer: 0-17, 6,8 or all (a "
                              "schema-2 store holding each layer's source and target beside one token array; "
-                             "docs/store.md).", "Model")
+                             "docs/store.md).", "Model", parse=layer_spec)
     source: str = opt("hook_resid_mid", "Input hook (the transcoder's source).", "Model")
     target: str = opt("hook_mlp_out", "Target hook (what the transcoder predicts).", "Model")
     dataset: str = opt("HuggingFaceFW/fineweb-edu", "HF dataset id (streamed), a local .txt/.jsonl/.parquet file or folder, or python-docs.", "Text")

@@ -25,7 +25,7 @@ def describe(path: str | Path) -> str:
         return "\n".join(describe_run(Run(path)))
     if is_set(path):
         return "\n".join(describe_set(RunSet(path)))
-    raise UserError(f"{path} is neither a tc store, a tc run folder nor a set of them")
+    raise UserError(f"{path} is neither a tc store nor a tc run folder (nor a set of runs)")
 
 
 def verify_report(path: str | Path) -> str:

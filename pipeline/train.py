@@ -36,10 +36,9 @@ from pipeline.metrics import Metrics, WandbLogger, read_metrics, truncate_metric
 from pipeline.run import RUN_LOCK, TRANSCODER, Run, RunSet, is_set
 from pipeline.store import Store
 from pipeline.transcoder import ENCODER_INIT_SCALE, Transcoder, TranscoderOutput, norm_constants
-from pipeline.util import (FolderLock, UserError, check_free_space, fault_point, file_checksum, opt, parse_count,
-                           format_layers, parse_int_list, parse_layers, pick_device, resume_hint, short_count,
-                           to_jsonable, versions,
-                           write_config_toml, write_json_atomic)
+from pipeline.util import (FolderLock, UserError, check_free_space, fault_point, file_checksum, format_layers,
+                           layer_spec, opt, parse_count, parse_int_list, parse_layers, pick_device, resume_hint,
+                           short_count, to_jsonable, versions, write_config_toml, write_json_atomic)
 
 KILL_ENV = "TC_TRAIN_KILL_AT_STEP"   # testing hook: SIGKILL this process right after that step
 RESUME_FREE = {"resume", "out", "cache", "device", "log_every", "checkpoint_every", "checkpoint_minutes",
@@ -73,7 +72,7 @@ class TrainConfig:
     layer: int | None = opt(None, "The layer to train, in a store of several layers (`tc cache --layers`).", "Data")
     layers: str | None = opt(None, "Train a SET, one transcoder per layer of a store of several, from one pass "
                              "over it: all, 6,8 or 0-3 (--out gets a run folder per layer; docs/transcoder.md).",
-                             "Data")
+                             "Data", parse=layer_spec)
     batch_size: int = opt(1024, "Rows (tokens) per optimiser step.", "Data")
     steps: int | None = opt(None, "Optimiser steps (default: one pass over the store's usable rows).", "Data",
                             parse=_count_option("--steps"))

@@ -85,11 +85,22 @@ def parse_layers(spec: str | list | int, n_layers: int | None = None) -> list[in
     for part in (p.strip() for p in text.split(",")):
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
-            raise UserError(f"bad --layers {text!r}: write layers and ranges, e.g. 0-17, 6,8 or all")
+            raise UserError(f"bad layer list {text!r}: write layers and ranges, e.g. 0-17, 6,8 or all")
         layers.update(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
     if n_layers is not None and max(layers) >= n_layers:
         raise UserError(f"layer {max(layers)} is out of range: the model has layers 0..{n_layers - 1}")
     return sorted(layers)
+
+
+def layer_spec(value: str | int | list | None) -> str | None:
+    """An option's layers as text ('all', '0-17', '6,8'): from the command line, or a TOML int or list;
+    the syntax is checked here, the range once the model or store is known."""
+    if value in (None, "", "none", "None"):
+        return None
+    text = ",".join(map(str, value)) if isinstance(value, list) else str(value).strip()
+    if text != "all":
+        parse_layers(text)
+    return text
 
 
 def format_layers(layers: list[int]) -> str:

@@ -125,7 +125,7 @@ def test_the_disk_estimate_counts_every_layer_and_bad_layers_are_one_line(tmp_pa
     assert r.exit_code == 0, r.output
     assert "4 layers x 2 x 64 x 2 bytes" in r.output
     assert Store(tmp_path / "e.zarr").layers == [0, 1, 2, 3]
-    for spec, words in (("1,9", "out of range"), ("3-1", "bad --layers"), ("a", "bad --layers")):
+    for spec, words in (("1,9", "out of range"), ("3-1", "bad layer list"), ("a", "bad layer list")):
         r = tc([*BASE, "--layers", spec, "--out", str(tmp_path / "bad.zarr")])
         assert r.returncode != 0 and words in r.stderr + r.stdout and "Traceback" not in r.stderr, spec
         assert not (tmp_path / "bad.zarr").exists()
