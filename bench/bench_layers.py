@@ -4,7 +4,8 @@ every layer").
 cache: one `tc cache --layers L1,..,LN` (one forward per batch, stopped after the highest layer)
        vs N `tc cache --layer Li`, on the same text, the model loaded once for all of them. Each
        round runs the multi-layer cache and the N single ones back to back, the order alternating
-       between rounds; the ratio is (sum of the N single caches' seconds) / (the multi cache's).
+       between rounds; the ratio is (sum of the N single caches' seconds) / (the multi cache's),
+       wall and CPU (process time, all threads: less moved by other processes on a shared machine).
        The forward alone predicts it: sum_i (Li + 1) / (max Li + 1) blocks' worth.
 train: one `tc train --layers` set vs N `tc train --layer Li` runs on the multi-layer store, same
        options, alternating; the ratio is set seconds / sum of the runs' seconds (target <= 1.1),
@@ -32,12 +33,12 @@ from pipeline.train import TrainConfig, run_train
 from pipeline.util import parse_count, parse_layers, pick_device
 
 
-def cache_seconds(lm, cfg: CacheConfig) -> float:
-    """Seconds of stage one from text to a complete store, the model already loaded."""
+def cache_seconds(lm, cfg: CacheConfig) -> tuple[float, float]:
+    """(wall, CPU) seconds of stage one from text to a complete store, the model already loaded."""
     out = cfg.resolved_out()
     shutil.rmtree(out, ignore_errors=True)
     hooks = forward.check_layer_hooks(lm, cfg.layer_list(lm.n_layers), [cfg.source, cfg.target])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     writer = cache.open_writer(cfg, out, "create", lm, hooks)
     try:
         n_rows, _ = cache.write_store(cfg, writer, lm, hooks, text.iter_documents(cfg.dataset),
@@ -45,7 +46,7 @@ def cache_seconds(lm, cfg: CacheConfig) -> float:
         writer.finalize(n_rows)
     finally:
         writer.close()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 class ReadCounter:
@@ -68,18 +69,24 @@ class ReadCounter:
         Store.read_chunk = self.original
 
 
-def train_seconds(store: Path, out: Path, layers: list[int], args, as_set: bool) -> tuple[float, int]:
+def train_seconds(store: Path, out: Path, layers: list[int], args, as_set: bool) -> tuple[float, float, int]:
+    """(wall, CPU) seconds of training the set, or the runs one after another, and the chunk reads."""
     base = dict(cache=str(store), dict_size=args.dict_size, k=args.k, batch_size=args.batch_size, steps=args.steps,
                 log_every=max(1, args.steps // 4), checkpoint_every=args.steps, sample_every=0, seed=0)
     shutil.rmtree(out, ignore_errors=True)
     with ReadCounter() as reads, contextlib.redirect_stdout(io.StringIO()):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if as_set:
             run_train(TrainConfig(layers=",".join(map(str, layers)), out=str(out), **base))
         else:
             for layer in layers:
                 run_train(TrainConfig(layer=layer, out=str(out / f"l{layer}"), **base))
-        return time.perf_counter() - t0, reads.n
+        return time.perf_counter() - t0, time.process_time() - c0, reads.n
+
+
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
 
 
 def main() -> None:
@@ -112,31 +119,36 @@ def main() -> None:
         order = ["multi", "singles"] if r % 2 == 0 else ["singles", "multi"]
         t = {}
         for which in order:
-            t[which] = cache_seconds(lm, multi) if which == "multi" else sum(cache_seconds(lm, c) for c in singles)
-        rounds.append({"multi_s": t["multi"], "singles_s": t["singles"], "ratio": t["singles"] / t["multi"]})
-        print(f"cache round {r}: {len(layers)} layers in one forward {t['multi']:.1f} s, one at a time "
-              f"{t['singles']:.1f} s: {t['singles'] / t['multi']:.2f}x", flush=True)
+            runs = [cache_seconds(lm, multi)] if which == "multi" else [cache_seconds(lm, c) for c in singles]
+            t[which] = [sum(x[0] for x in runs), sum(x[1] for x in runs)]
+        (mw, mc), (sw, sc) = t["multi"], t["singles"]
+        rounds.append({"multi_s": mw, "singles_s": sw, "ratio": sw / mw, "multi_cpu_s": mc, "singles_cpu_s": sc,
+                       "cpu_ratio": sc / mc})
+        print(f"cache round {r}: {len(layers)} layers in one forward {mw:.1f} s ({mc:.1f} s CPU), one at a time "
+              f"{sw:.1f} s ({sc:.1f} s CPU): {sw / mw:.2f}x wall, {sc / mc:.2f}x CPU", flush=True)
     predicted = sum(L + 1 for L in layers) / (max(layers) + 1)
     result = {"model": args.model, "layers": layers, "tokens": common["tokens"], "seq_len": args.seq_len,
               "device": device, "cache_rounds": rounds,
-              "cache_ratio_median": sorted(r["ratio"] for r in rounds)[len(rounds) // 2],
+              "cache_ratio_median": median([r["ratio"] for r in rounds]),
+              "cache_cpu_ratio_median": median([r["cpu_ratio"] for r in rounds]),
               "forward_blocks_ratio_predicted": predicted}
     if not args.skip_train:
         args.batch_size = args.train_batch
         train_rounds = []
         for r in range(args.rounds):
             order = [True, False] if r % 2 == 0 else [False, True]
-            t, reads = {}, {}
+            t = {}
             for as_set in order:
-                t[as_set], reads[as_set] = train_seconds(tmp / "multi.zarr", tmp / ("set" if as_set else "runs"),
-                                                         layers, args, as_set)
-            train_rounds.append({"set_s": t[True], "runs_s": t[False], "ratio": t[True] / t[False],
-                                 "set_chunk_reads": reads[True], "runs_chunk_reads": reads[False]})
-            print(f"train round {r}: set {t[True]:.1f} s, {len(layers)} runs {t[False]:.1f} s: "
-                  f"{t[True] / t[False]:.2f}x; chunk reads {reads[True]} vs {reads[False]}", flush=True)
+                t[as_set] = train_seconds(tmp / "multi.zarr", tmp / ("set" if as_set else "runs"), layers, args, as_set)
+            (sw, sc, sr), (rw, rc, rr) = t[True], t[False]
+            train_rounds.append({"set_s": sw, "runs_s": rw, "ratio": sw / rw, "set_cpu_s": sc, "runs_cpu_s": rc,
+                                 "cpu_ratio": sc / rc, "set_chunk_reads": sr, "runs_chunk_reads": rr})
+            print(f"train round {r}: set {sw:.1f} s ({sc:.1f} s CPU), {len(layers)} runs {rw:.1f} s ({rc:.1f} s CPU): "
+                  f"{sw / rw:.2f}x wall, {sc / rc:.2f}x CPU; chunk reads {sr} vs {rr}", flush=True)
         result.update({"train_rounds": train_rounds, "dict_size": args.dict_size, "k": args.k,
                        "steps": args.steps, "train_batch": args.train_batch,
-                       "train_ratio_median": sorted(r["ratio"] for r in train_rounds)[len(train_rounds) // 2]})
+                       "train_ratio_median": median([r["ratio"] for r in train_rounds]),
+                       "train_cpu_ratio_median": median([r["cpu_ratio"] for r in train_rounds])})
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

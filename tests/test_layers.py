@@ -225,6 +225,10 @@ def test_a_set_exports_and_its_runs_work_with_every_stage(stores, trained, tmp_p
     from safetensors.torch import load_file
     a, b = (load_file(str(run / "samples" / "samples.safetensors")) for run in (s / "layer_3", trained[3]))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)   # (the metadata names the store)
+    r = tc_inproc(["eval", "--run", str(s / "layer_3"), "--tokens", "1k"])
+    assert r.exit_code == 0, r.output
+    ev = json.loads((s / "layer_3" / "eval.json").read_text())
+    assert ev["layer"] == 3 and ev["lm"]["fraction_recovered"] is not None
     info = tc_inproc(["info", str(s)])
     assert info.exit_code == 0 and "layer_1    complete (24 steps)" in info.output
 
