@@ -737,6 +737,9 @@ def run_set(cfg: TrainConfig, given: set[str] | None, collector_factory: Collect
         print(f"set {sset.runset.path} has finished already: nothing to do")
         return sset.runset.path
     device = torch.device(pick_device(sset.cfg.device))
+    need = sum(disk_needed(m.cfg, m.store, int(m.config["total_steps"]), m.checkpoint is not None) for m in todo)
+    check_free_space(sset.runset.path, need, f"the set {sset.runset.path}", "free some space, or write the set "
+                     "elsewhere (--out), or keep fewer checkpoints (--keep-checkpoints)")
     sset.runset.path.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as locks:
         locks.enter_context(FolderLock(sset.runset.path, RUN_LOCK))
