@@ -46,10 +46,13 @@ def cache_end_to_end(lm, cfg: CacheConfig, hooks: list[str]) -> tuple[float, dic
     """Tokens/s of stage one from text to a complete store, the model already loaded."""
     out = cfg.resolved_out()
     t0 = time.perf_counter()
-    writer = cache.open_writer(cfg, out, "create", lm, hooks)
+    writer = cache.open_writer(cfg, out, "create", lm, {cfg.layer: hooks})
     try:
         docs = text.iter_documents(cfg.dataset)
-        result = cache.write_store(cfg, writer, lm, hooks, docs)
+        n_rows, _ = cache.write_store(cfg, writer, lm, {cfg.layer: hooks}, docs, writer.pending_chunks())
+        writer.finalize(n_rows)
+        nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        result = {"tokens": n_rows, "bytes_per_token": nbytes / n_rows}
     finally:
         writer.close()
     return result["tokens"] / (time.perf_counter() - t0), result

@@ -23,18 +23,21 @@ from pipeline.config import checked
 from pipeline.storage import Location, is_remote, local_path
 from pipeline.store import (LOCK_NAME, OUTLIER_FACTOR, Store, StoreWriter, chunk_rows_for, creation_interrupted,
                             is_store, to_fp16, writer_lock)
-from pipeline.util import (UserError, check_free_space, config_toml, fault_point, human_bytes, interrupts_deferred,
-                           opt, parse_count, pick_device, status)
+from pipeline.util import (UserError, check_free_space, config_toml, fault_point, format_layers, human_bytes,
+                           interrupts_deferred, layer_spec, opt, parse_count, parse_layers, pick_device, status)
 
 # Fields that define what the store holds: a re-run must agree on all of them to resume.
-IDENTITY_FIELDS = ("model", "dataset", "dataset_config", "split", "text_column", "layer", "tokens",
+IDENTITY_FIELDS = ("model", "dataset", "dataset_config", "split", "text_column", "layer", "layers", "tokens",
                    "source", "target", "seq_len", "chunk_rows", "dtype", "compress")
 
 
 @dataclass
 class CacheConfig:
     model: str = opt("google/gemma-2-2b", "Hugging Face id, or a built-in: gemma-3-270m, tiny, gemma-2-2b-random.", "Model")
-    layer: int = opt(8, "Layer whose MLP is read.", "Model")
+    layer: int = opt(8, "Layer whose MLP is read (a one-layer store, schema 1).", "Model")
+    layers: str | None = opt(None, "Several layers in one forward instead of --layer: 0-17, 6,8 or all (a "
+                             "schema-2 store holding each layer's source and target beside one token array; "
+                             "docs/store.md).", "Model", parse=layer_spec)
     source: str = opt("hook_resid_mid", "Input hook (the transcoder's source).", "Model")
     target: str = opt("hook_mlp_out", "Target hook (what the transcoder predicts).", "Model")
     dataset: str = opt("HuggingFaceFW/fineweb-edu", "HF dataset id (streamed), a local .txt/.jsonl/.parquet file or folder, or python-docs.", "Text")
@@ -60,8 +63,12 @@ class CacheConfig:
 
     def resolved_out(self) -> Path | str:
         """A local Path, or an object-store URL as a string (a Path would fold its //)."""
-        out = self.out or f"data/l{self.layer}.zarr"
+        out = self.out or (f"data/l{self.layers.replace(',', '_')}.zarr" if self.layers else f"data/l{self.layer}.zarr")
         return out.rstrip("/") if is_remote(out) else local_path(out)
+
+    def layer_list(self, n_layers: int | None = None) -> list[int]:
+        """The layers this run caches: --layers resolved (`all` needs the model's `n_layers`), or --layer."""
+        return parse_layers(self.layers, n_layers) if self.layers else [self.layer]
 
 
 def validate(cfg: CacheConfig) -> None:
@@ -73,6 +80,8 @@ def validate(cfg: CacheConfig) -> None:
         raise UserError("--seq-len must be at least 2 (BOS plus one token)")
     if cfg.layer < 0:
         raise UserError(f"--layer must be 0 or more, got {cfg.layer}")
+    if cfg.layers is not None and cfg.layers.strip() != "all":
+        parse_layers(cfg.layers)   # the syntax, before the model loads; the range once it has
     if cfg.chunk_rows is not None and (cfg.chunk_rows <= 0 or cfg.chunk_rows % cfg.seq_len):
         raise UserError(f"--chunk-rows must be a positive multiple of --seq-len ({cfg.seq_len})")
     if cfg.outlier_factor != 0 and not cfg.outlier_factor > 1:   # <= 1 would flag about half the rows
@@ -135,11 +144,11 @@ def check_context(cfg: CacheConfig, lm: Any) -> None:
                         f"use --seq-len {n_ctx:,} or less")
 
 
-def bytes_per_row(d_model: int) -> int:
-    return 2 * 2 * d_model + 4 + 1   # fp16 source and target, int32 token, uint8 flags
+def bytes_per_row(d_model: int, n_layers: int = 1) -> int:
+    return n_layers * (2 * 2 * d_model + 1) + 4   # per layer fp16 source and target and uint8 flags; int32 token
 
 
-def check_disk(cfg: CacheConfig, out: Path, action: str, d_model: int) -> None:
+def check_disk(cfg: CacheConfig, out: Path, action: str, d_model: int, n_layers: int = 1) -> None:
     """Say what the store will take, and refuse when the filesystem cannot hold what is left to write."""
     chunk_rows = cfg.chunk_rows or chunk_rows_for(cfg.seq_len)
     total = -(-cfg.tokens // cfg.seq_len) * cfg.seq_len
@@ -148,9 +157,11 @@ def check_disk(cfg: CacheConfig, out: Path, action: str, d_model: int) -> None:
     else:
         store = Store(out)
         rows = max(0, store.n_chunks - len(store.committed_chunks())) * chunk_rows
-    need = rows * bytes_per_row(d_model)
+    need = rows * bytes_per_row(d_model, n_layers)
+    per_token = (f" ({n_layers} layers x 2 x {d_model} x 2 bytes = {human_bytes(bytes_per_row(d_model, n_layers))} "
+                 "per token)") if cfg.layers else ""
     print(f"caching {total:,} tokens ({total // cfg.seq_len:,} sequences of {cfg.seq_len:,}) into {out}: about "
-          f"{human_bytes(total * bytes_per_row(d_model))} {'stored' if is_remote(out) else 'on disk'}"
+          f"{human_bytes(total * bytes_per_row(d_model, n_layers))} {'stored' if is_remote(out) else 'on disk'}{per_token}"
           + (f", {human_bytes(need)} of it still to write" if action != "create" else ""), flush=True)
     if not is_remote(out):   # an object store has no free space to ask about
         check_free_space(out, need, f"the store {out}", "free some space, choose another --out, or cache fewer --tokens")
@@ -292,7 +303,7 @@ def cache_job(cfg: CacheConfig, job: Any) -> dict[str, Any]:
 
     def create() -> list[int]:
         nonlocal writer
-        check_disk(cfg, out, plan["action"], lm.d_model)
+        check_disk(cfg, out, plan["action"], lm.d_model, len(hooks))
         writer = open_writer(cfg, out, plan["action"], lm, hooks)
         if plan["damaged"]:
             writer.uncommit(plan["damaged"])
@@ -337,8 +348,9 @@ def plan_store(cfg: CacheConfig) -> dict[str, Any]:
     return {"action": action, "damaged": damaged, "done": None}
 
 
-def load(cfg: CacheConfig, job: Any) -> tuple[Iterator[str], Any, list[str]]:
-    """The text stream, the model and its hooks: every rank needs all three."""
+def load(cfg: CacheConfig, job: Any) -> tuple[Iterator[str], Any, dict[int, list[str]]]:
+    """The text stream, the model and its hooks ({layer: [source, target] full names}): every rank
+    needs all three."""
     from pipeline import forward, models, text
 
     docs = text.iter_documents(cfg.dataset, split=cfg.split, config=cfg.dataset_config, text_column=cfg.text_column,
@@ -348,7 +360,7 @@ def load(cfg: CacheConfig, job: Any) -> tuple[Iterator[str], Any, list[str]]:
         status(f"cache: loading {cfg.model} on {device}")
     lm = models.load_model(cfg.model, device=device, dtype=compute_dtype(cfg, device))
     check_context(cfg, lm)
-    return docs, lm, forward.check_hooks(lm, cfg.layer, [cfg.source, cfg.target])
+    return docs, lm, forward.check_layer_hooks(lm, cfg.layer_list(lm.n_layers), [cfg.source, cfg.target])
 
 
 def vocab_strings(lm: Any) -> list[str]:
@@ -357,7 +369,7 @@ def vocab_strings(lm: Any) -> list[str]:
     return models.vocab_strings(lm.tokenizer)
 
 
-def open_writer(cfg: CacheConfig, out: Path, action: str, lm: Any, hooks: list[str]) -> StoreWriter:
+def open_writer(cfg: CacheConfig, out: Path, action: str, lm: Any, hooks: dict[int, list[str]]) -> StoreWriter:
     from pipeline import text
 
     if action in ("resume", "done"):   # done: complete, with damaged chunks to recompute
@@ -370,20 +382,23 @@ def open_writer(cfg: CacheConfig, out: Path, action: str, lm: Any, hooks: list[s
     seq_len = cfg.seq_len
     n_rows = -(-cfg.tokens // seq_len) * seq_len
     chunk_rows = cfg.chunk_rows or chunk_rows_for(seq_len)
+    named = {layer: {"source": s, "target": t} for layer, (s, t) in hooks.items()}
     attrs = {
-        "model": cfg.model, "hf_name": lm.hf_name, "layer": cfg.layer,
-        "hooks": {"source": hooks[0], "target": hooks[1]}, "seq_len": seq_len, "dtype": "float16",
+        "model": cfg.model, "hf_name": lm.hf_name, "seq_len": seq_len, "dtype": "float16",
         "compute_dtype": str(lm.dtype).replace("torch.", ""),
         "tokenizer": {"name": getattr(lm.tokenizer, "name_or_path", cfg.model), "bos_id": lm.bos_id,
                       "vocab_size": lm.vocab_size},
         "dataset": text.describe_dataset(cfg.dataset, cfg.split, cfg.dataset_config, cfg.text_column, cfg.text_errors),
         "config": asdict(cfg),
     }
+    if not cfg.layers:   # schema 1, as before --layers existed
+        attrs = {"model": cfg.model, "hf_name": lm.hf_name, "layer": cfg.layer, "hooks": named[cfg.layer], **attrs}
     return StoreWriter.create(out, n_rows=n_rows, d_model=lm.d_model, chunk_rows=chunk_rows, attrs=attrs,
-                              compress=cfg.compress, outlier_factor=cfg.outlier_factor)
+                              compress=cfg.compress, outlier_factor=cfg.outlier_factor,
+                              layers=named if cfg.layers else None)
 
 
-def write_store(cfg: CacheConfig, writer: StoreWriter, lm: Any, hooks: list[str], docs: Iterator[str],
+def write_store(cfg: CacheConfig, writer: StoreWriter, lm: Any, hooks: dict[int, list[str]], docs: Iterator[str],
                 owned: list[int], progress: bool = True) -> tuple[int, float]:
     """Compute and write the chunks in `owned` (uncommitted ones): (rows the text gave, seconds).
 
@@ -398,7 +413,7 @@ def write_store(cfg: CacheConfig, writer: StoreWriter, lm: Any, hooks: list[str]
     pending = set(owned)
     todo = sum(min(chunk_rows, n_seqs * seq_len - c * chunk_rows) for c in pending)
     bar = tqdm(total=n_seqs * seq_len, initial=n_seqs * seq_len - todo, unit="tok", unit_scale=True,
-               desc=f"cache {cfg.model} L{cfg.layer}", smoothing=0.05, disable=not progress)
+               desc=f"cache {cfg.model} L{format_layers(list(hooks))}", smoothing=0.05, disable=not progress)
     bg = BackgroundWriter(writer)
     buffers: dict[int, ChunkBuffer] = {}
     seen = 0
@@ -410,21 +425,26 @@ def write_store(cfg: CacheConfig, writer: StoreWriter, lm: Any, hooks: list[str]
             chunks = {s // spc for s in range(first, seen)}
             if not chunks & pending:
                 continue                              # on disk, or another process's: only the tokenizer ran
-            acts = forward.forward_hooks(lm, torch.from_numpy(toks), cfg.layer, hooks, on_device=True)
-            (src, src_over), (tgt, tgt_over) = (to_fp16(acts[h]) for h in hooks)   # (B * T, d) rows
+            if writer.layers is None:
+                acts = forward.forward_hooks(lm, torch.from_numpy(toks), cfg.layer, hooks[cfg.layer], on_device=True)
+            else:   # every layer from one forward, which stops after the highest layer's target hook
+                acts = forward.forward_layers(lm, torch.from_numpy(toks), sorted(hooks), [cfg.source, cfg.target],
+                                              on_device=True)
+            # (B * T, d) rows: ((source, source clamped), (target, target clamped)) per layer
+            fp16 = {layer: tuple(to_fp16(acts[h]) for h in names) for layer, names in hooks.items()}
             for j in range(len(toks)):
                 c, slot = divmod(first + j, spc)
                 if c in pending:
                     rows = slice(j * seq_len, (j + 1) * seq_len)
                     if c not in buffers:
-                        buffers[c] = ChunkBuffer(spc, seq_len, lm.d_model)
-                    buf = buffers[c]
-                    buf.put(slot, src[rows], tgt[rows], toks[j], src_over[rows], tgt_over[rows])
+                        buffers[c] = {layer: ChunkBuffer(spc, seq_len, lm.d_model) for layer in hooks}
+                    for layer, ((src, src_over), (tgt, tgt_over)) in fp16.items():
+                        buffers[c][layer].put(slot, src[rows], tgt[rows], toks[j], src_over[rows], tgt_over[rows])
                     bar.update(seq_len)
-                    if buf.full():
-                        bg.submit(c, *buffers.pop(c).parts(lm.bos_id))
-        for c, buf in sorted(buffers.items()):        # text ran out inside this chunk
-            bg.submit(c, *buf.parts(lm.bos_id))
+                    if next(iter(buffers[c].values())).full():
+                        bg.submit(c, *chunk_parts(buffers.pop(c), lm.bos_id, writer.layers is not None))
+        for c, bufs in sorted(buffers.items()):        # text ran out inside this chunk
+            bg.submit(c, *chunk_parts(bufs, lm.bos_id, writer.layers is not None))
         bg.close()
     finally:
         bar.close()
@@ -463,6 +483,17 @@ class ChunkBuffer:
                 (self.clamped[0, :n], self.clamped[1, :n]))
 
 
+def chunk_parts(buffers: dict[int, ChunkBuffer], bos_id: int, multi: bool) -> tuple:
+    """write_chunk's arguments after the chunk index, from each layer's buffer of one chunk: a
+    schema-2 store takes the activations and clamped masks as dicts by layer."""
+    parts = {layer: buf.parts(bos_id) for layer, buf in buffers.items()}
+    if not multi:
+        return next(iter(parts.values()))
+    _, _, tokens, bos, _ = next(iter(parts.values()))
+    return ({L: p[0] for L, p in parts.items()}, {L: p[1] for L, p in parts.items()}, tokens, bos,
+            {L: p[4] for L, p in parts.items()})
+
+
 def finish(cfg: CacheConfig, writer: StoreWriter, n_rows: int, seconds: float, vocab: list[str]) -> dict[str, Any]:
     planned = writer.n_rows_planned
     fault_point("before_finalize")
@@ -471,14 +502,19 @@ def finish(cfg: CacheConfig, writer: StoreWriter, n_rows: int, seconds: float, v
     with interrupts_deferred():   # seconds of zarr work, in its threads: Ctrl-C waits for the end
         summary = writer.finalize(n_rows, vocab)
     nbytes = Location(out).size()
+    per_layer = list(summary["layer_attrs"].values()) if "layer_attrs" in summary else [summary]
+    clamped = sum(v["overflow"]["rows"] for v in per_layer)
     result = {"store": str(out), "tokens": n_rows, "rows": n_rows, "bytes": nbytes,
               "bytes_per_token": nbytes / max(n_rows, 1), "seconds": round(seconds, 1),
-              "overflow_rows": summary["overflow"]["rows"], "bos_rows": summary["n_bos_rows"],
-              "outlier_rows": summary.get("n_outlier_rows", 0)}
+              "overflow_rows": clamped, "bos_rows": summary["n_bos_rows"],
+              "outlier_rows": sum(v.get("n_outlier_rows", 0) for v in per_layer)}
+    if "layer_attrs" in summary:
+        result["layers"] = writer.layers
+    where = f" (summed over {len(per_layer)} layers)" if "layer_attrs" in summary else ""
     if n_rows < planned:
         print(f"the text ran out: wrote {n_rows:,} of the {planned:,} tokens asked for; the store is complete for what it holds")
     print(f"wrote {n_rows:,} tokens to {out}: {nbytes / 1e6:,.1f} MB ({result['bytes_per_token']:,.0f} bytes/token), "
-          f"{seconds:,.1f} s this run, {summary['overflow']['rows']} rows clamped to fp16 range, "
-          f"{summary['n_bos_rows']} BOS rows and {result['outlier_rows']} outlier rows left out of statistics "
+          f"{seconds:,.1f} s this run, {clamped} rows clamped to fp16 range, "
+          f"{summary['n_bos_rows']} BOS rows and {result['outlier_rows']} outlier rows{where} left out of statistics "
           "and training")
     return result

@@ -74,7 +74,27 @@ def forward_hooks(lm: LoadedModel, tokens: torch.Tensor, layer: int, hooks: list
     Tokens go in as a tensor, so the bridge adds no BOS of its own: position 0 is whatever the
     caller put there. One forward reads every hook, and stops as soon as the last one fires.
     """
-    points = _hook_points(lm, layer, hooks)
+    return _capture(lm, tokens, _hook_points(lm, layer, hooks), on_device)
+
+
+def check_layer_hooks(lm: LoadedModel, layers: list[int], hooks: list[str]) -> dict[int, list[str]]:
+    """{layer: full names of `hooks` at that layer}; one line for a bad layer or hook."""
+    return {layer: check_hooks(lm, layer, hooks) for layer in layers}
+
+
+@torch.no_grad()
+def forward_layers(lm: LoadedModel, tokens: torch.Tensor, layers: list[int], hooks: list[str],
+                   on_device: bool = False) -> dict[str, torch.Tensor]:
+    """`forward_hooks` for the same hooks in several layers, in ONE forward that stops once the last
+    of them has fired (after the highest layer's last hook): {full name: activations}."""
+    points: dict[str, Any] = {}
+    for layer in layers:
+        points.update(_hook_points(lm, layer, hooks))
+    return _capture(lm, tokens, points, on_device)
+
+
+def _capture(lm: LoadedModel, tokens: torch.Tensor, points: dict[str, Any], on_device: bool) -> dict[str, torch.Tensor]:
+    """Run the model on `tokens` until every hook point in `points` has fired; their activations."""
     # Two names may be aliases of one hook point: capture each point once.
     unique = {id(p): p for p in points.values()}
     captured: dict[int, torch.Tensor] = {}

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.metrics import read_metrics
-from pipeline.run import TRANSCODER, Run, is_run
+from pipeline.run import TRANSCODER, Run, RunSet, is_run, is_set
 from pipeline.storage import Location, is_remote, local_path
 from pipeline.store import OUTLIER_FACTOR, Store, is_store
-from pipeline.util import UserError
+from pipeline.util import UserError, format_layers
 
 
 def folder_bytes(path: Path) -> int:
@@ -28,7 +28,9 @@ def describe(path: str | Path) -> str:
         return "\n".join(describe_store(path))
     if is_run(path):
         return "\n".join(describe_run(Run(path)))
-    raise UserError(f"{path} is neither a tc store nor a tc run folder")
+    if is_set(path):
+        return "\n".join(describe_set(RunSet(path)))
+    raise UserError(f"{path} is neither a tc store nor a tc run folder (nor a set of runs)")
 
 
 def verify_report(path: str | Path) -> str:
@@ -45,6 +47,8 @@ def verify_report(path: str | Path) -> str:
             raise UserError(f"{path} is damaged: {len(damaged)} checksum mismatch(es) ({what}{more}): re-run "
                             f"`{cache_command(s.attrs.get('config', {}))}` to recompute them")
         return f"verified   all {len(s.committed_chunks())} written chunks and the statistics match their checksums"
+    if is_set(path) and not is_run(path):
+        return "\n".join(f"{run.path.name}: {verify_run(run)}" for run in RunSet(path).runs() if run.exists)
     return verify_run(Run(path))
 
 
@@ -81,19 +85,27 @@ def cache_command(config: dict[str, Any]) -> str:
 def describe_store(path: Path | str) -> list[str]:
     s = Store(path)
     a = s.attrs
+    if s.multi_layer:
+        hooks = {k: v.split(".")[-1] for k, v in a["hooks"].items()}
+        model = (f"model      {a.get('model')} ({a.get('hf_name')}), {len(s.layers)} layers "
+                 f"{format_layers(s.layers)}, d_model {s.d_model}")
+        hook_line = f"hooks      blocks.L.{hooks['source']} -> blocks.L.{hooks['target']} of each layer L"
+    else:
+        model = f"model      {a.get('model')} ({a.get('hf_name')}), layer {a.get('layer')}, d_model {s.d_model}"
+        hook_line = f"hooks      {a['hooks']['source']} -> {a['hooks']['target']}"
     where = "stored" if is_remote(path) else "on disk"
     lines = [f"store      {path}  (tc-store v{a['schema_version']}, {Location(path).size() / 1e6:,.1f} MB {where})",
-             f"model      {a.get('model')} ({a.get('hf_name')}), layer {a.get('layer')}, d_model {s.d_model}",
-             f"hooks      {a['hooks']['source']} -> {a['hooks']['target']}",
-             f"text       {json.dumps(a.get('dataset'))}",
+             model, hook_line, f"text       {json.dumps(a.get('dataset'))}",
              f"layout     seq_len {s.seq_len}, {s.chunk_rows} rows per chunk, fp16 (computed in {a.get('compute_dtype')})"]
     if s.complete:
-        st = s.stats()   # for a store made before the outlier rule, without its outlier rows
-        lines += [f"state      complete: {s.n_rows:,} tokens in {s.n_chunks} chunks",
-                  f"stats      mean norm source {st['source']['mean_norm']:,.1f}, target {st['target']['mean_norm']:,.1f} "
-                  f"over {st['source']['count']:,} rows; {a.get('n_bos_rows', 0):,} BOS rows, "
-                  f"{a['overflow']['rows']:,} rows clamped to fp16",
-                  outlier_line(s)]
+        lines.append(f"state      complete: {s.n_rows:,} tokens in {s.n_chunks} chunks; {a.get('n_bos_rows', 0):,} BOS rows")
+        for layer in s.layers:
+            view = s.layer_view(layer) if s.multi_layer else s
+            st = view.stats()   # for a store made before the outlier rule, without its outlier rows
+            head = f"layer {layer:<4} " if s.multi_layer else "stats      "
+            lines += [f"{head}mean norm source {st['source']['mean_norm']:,.1f}, target {st['target']['mean_norm']:,.1f} "
+                      f"over {st['source']['count']:,} rows; {view.attrs['overflow']['rows']:,} rows clamped to fp16",
+                      outlier_line(view)]
     else:
         done = int(s.group["chunk_meta"][:, 0].sum())
         total = s.group["chunk_meta"].shape[0]
@@ -159,5 +171,29 @@ def describe_run(run: Run) -> list[str]:
     if extras:
         lines.append("samples    " + ", ".join(extras))
     v = cfg.get("versions", {})
+    lines.append("made by    " + ", ".join(f"{k} {v[k]}" for k in ("tc", "torch", "zarr") if k in v))
+    return lines
+
+
+def describe_set(runset: RunSet) -> list[str]:
+    """A set: what made it, and each layer's run in a line (`tc info SET/layer_L` says more)."""
+    m = runset.manifest()
+    cfg = m.get("config", {})
+    lines = [f"set        {runset.path}  ({folder_bytes(runset.path) / 1e6:,.1f} MB on disk): one transcoder per "
+             f"layer, layers {format_layers(m['layers'])}, trained from one pass over {m.get('store')}",
+             f"dictionary {cfg.get('dict_size'):,} latents, groups {cfg.get('groups')}, k {cfg.get('k')}, "
+             f"lr {cfg.get('lr')}, batch {cfg.get('batch_size')}"]
+    for run in runset.runs():
+        if not run.exists:
+            lines.append(f"layer {run.path.name:<9} not started")
+            continue
+        rows = read_metrics(run.metrics_file)
+        last = rows[-1] if rows else {}
+        state = "complete" if run.finished else f"interrupted at {run.latest_step_name() or 'step 0'}"
+        fvu = f", FVU {last['fvu']:.4f}, L0 {last['l0']:.1f}, dead {last['dead_features']}" if last else ""
+        lines.append(f"{run.path.name:<10} {state} ({run.config().get('total_steps')} steps){fvu}")
+    if not runset.finished:
+        lines.append(f"resume     tc train --resume {runset.path}")
+    v = m.get("versions", {})
     lines.append("made by    " + ", ".join(f"{k} {v[k]}" for k in ("tc", "torch", "zarr") if k in v))
     return lines

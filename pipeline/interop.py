@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from pipeline.config import checked
-from pipeline.run import Run, open_run
+from pipeline.run import Run, RunSet, is_set, open_set_layer
 from pipeline.transcoder import Transcoder
 from pipeline.util import (UserError, file_checksum, opt, replaced_atomically, user_cache_dir, versions,
                            write_config_toml, write_file_atomic, write_json_atomic)
@@ -47,7 +47,8 @@ def parse_path_list(text: str | list) -> list[str]:
 @dataclass
 class CircuitTracerConfig:
     run: list[str] = opt([], "Run folders made by `tc train`, one per layer, separated by commas "
-                         "(e.g. runs/l0,runs/l1).", "Input", parse=parse_path_list)
+                         "(e.g. runs/l0,runs/l1), or a set folder (`tc train --layers`).", "Input",
+                         parse=parse_path_list)
     out: str = opt("", "Output folder: layer_{i}.safetensors, config.yaml, tc-export.json.", "Output")
     overwrite: bool = opt(False, "Write into a non-empty --out, replacing the files of an earlier export.",
                           "Output")
@@ -57,7 +58,8 @@ class CircuitTracerConfig:
 
 @dataclass
 class SAELensConfig:
-    run: str = opt("", "Run folder made by `tc train`.", "Input")
+    run: str = opt("", "Run folder made by `tc train`, or a set folder (`tc train --layers`) with --layer.", "Input")
+    layer: int | None = opt(None, "The layer to export, when --run is a set.", "Input")
     out: str = opt("", "Output folder: cfg.json, sae_weights.safetensors, tc-export.json.", "Output")
     overwrite: bool = opt(False, "Write into a non-empty --out, replacing the files of an earlier export.",
                           "Output")
@@ -106,9 +108,18 @@ class RunInfo:
                 "config": self.run.config()}
 
 
-def open_finished(path: str) -> RunInfo:
-    """A finished run, its transcoder and its store's identity (model, layer, hooks), or one line."""
-    run = open_run(path)
+def expand_sets(paths: list[str]) -> list[str]:
+    """Run folders, a set folder standing for its runs (one per layer)."""
+    out = []
+    for path in paths:
+        out += [str(run.path) for run in RunSet(path).runs()] if is_set(path) else [path]
+    return out
+
+
+def open_finished(path: str, layer: int | None = None) -> RunInfo:
+    """A finished run (a set's `layer`, when `path` is a set), its transcoder and its store's identity
+    (model, layer, hooks), or one line."""
+    run = open_set_layer(path, layer)
     if not run.finished:
         raise UserError(f"{run.path} has not finished training (no {run.summary_file.name}): finish it with "
                         f"`tc train --resume {run.path}` before exporting")
@@ -226,7 +237,7 @@ def run_circuit_tracer(cfg: CircuitTracerConfig) -> Path:
     cfg = checked(cfg)
     if not cfg.run:
         raise UserError("no run given: pass --run RUN (one per layer, separated by commas)")
-    infos = sorted((open_finished(r) for r in cfg.run), key=lambda i: i.layer)
+    infos = sorted((open_finished(r) for r in expand_sets(cfg.run)), key=lambda i: i.layer)
     check_set(infos)
     out = prepare_out(cfg.out, cfg.overwrite, r"layer_\d+\.safetensors|config\.yaml|tc-export.*")
     layers = [i.layer for i in infos]
@@ -307,7 +318,7 @@ def saelens_cfg(info: RunInfo) -> dict[str, Any]:
 def run_saelens(cfg: SAELensConfig) -> Path:
     """Write SAELens's JumpReLU (skip) transcoder layout; returns the folder."""
     cfg = checked(cfg)
-    info = open_finished(cfg.run)
+    info = open_finished(cfg.run, cfg.layer)
     out = prepare_out(cfg.out, cfg.overwrite, r"cfg\.json|sae_weights\.safetensors|tc-export.*")
     save_tensors(out / "sae_weights.safetensors", saelens_tensors(fold(info.tc)),
                  {"tc_run": str(info.run.path.resolve()), "layer": info.layer, "versions": versions()})

@@ -16,7 +16,7 @@ import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -43,6 +43,38 @@ class _Group:
     perm: np.ndarray     # (n_usable,) shuffled indices into the arrays above (usable rows only)
 
 
+def epoch_chunk_order(seed: int, n_chunks: int, epoch: int) -> np.ndarray:
+    """The chunk visiting order of an epoch: (n_chunks,) int."""
+    return np.random.default_rng([seed, epoch]).permutation(n_chunks)
+
+
+def epoch_groups(seed: int, n_chunks: int, group_chunks: int, epoch: int) -> list[np.ndarray]:
+    order = epoch_chunk_order(seed, n_chunks, epoch)
+    return [order[i:i + group_chunks] for i in range(0, len(order), group_chunks)]
+
+
+def locate(position: int, rows_per_epoch: int, chunk_usable: np.ndarray, groups_of) -> tuple[int, int, int]:
+    """Row-stream position -> (epoch, group index in that epoch, usable-row offset in the group)."""
+    epoch, offset = divmod(position, rows_per_epoch)
+    for gi, chunks in enumerate(groups_of(epoch)):
+        n = int(chunk_usable[chunks].sum())
+        if offset < n:
+            return epoch, gi, offset
+        offset -= n
+    raise AssertionError("position beyond the epoch")   # unreachable: offset < rows_per_epoch
+
+
+def group_perm(usable_mask: np.ndarray, rows: np.ndarray, seed: int, epoch: int, gi: int) -> np.ndarray:
+    """The shuffled order of a group's usable rows: indices into the group's arrays."""
+    usable = np.flatnonzero(usable_mask[rows])
+    return usable[np.random.default_rng([seed, epoch, gi, 1]).permutation(len(usable))]
+
+
+def chunk_usable_counts(store: Store, usable_mask: np.ndarray) -> np.ndarray:
+    starts = np.arange(store.n_chunks) * store.chunk_rows
+    return np.add.reduceat(usable_mask.astype(np.int64), starts) if store.n_chunks else np.zeros(0, np.int64)
+
+
 class ChunkLoader:
     """Iterate to get `Batch`es forever; `position` is what a checkpoint needs; call `close()`."""
 
@@ -56,8 +88,7 @@ class ChunkLoader:
         self.group_chunks = max(1, int(group_chunks))
         self.device = torch.device(device)
         self.usable_mask = store.usable(include_bos, include_outliers)                      # (n_rows,) bool
-        starts = np.arange(store.n_chunks) * store.chunk_rows
-        self.chunk_usable = np.add.reduceat(self.usable_mask.astype(np.int64), starts) if store.n_chunks else np.zeros(0, np.int64)
+        self.chunk_usable = chunk_usable_counts(store, self.usable_mask)
         self.rows_per_epoch = int(self.chunk_usable.sum())
         if self.rows_per_epoch == 0:
             raise UserError(f"{store.path} has no usable rows (all are flagged BOS, clamped or outlier): cache more text")
@@ -75,21 +106,14 @@ class ChunkLoader:
 
     def epoch_chunk_order(self, epoch: int) -> np.ndarray:
         """The chunk visiting order of an epoch: (n_chunks,) int."""
-        return np.random.default_rng([self.seed, epoch]).permutation(self.store.n_chunks)
+        return epoch_chunk_order(self.seed, self.store.n_chunks, epoch)
 
     def epoch_groups(self, epoch: int) -> list[np.ndarray]:
-        order = self.epoch_chunk_order(epoch)
-        return [order[i:i + self.group_chunks] for i in range(0, len(order), self.group_chunks)]
+        return epoch_groups(self.seed, self.store.n_chunks, self.group_chunks, epoch)
 
     def locate(self, position: int) -> tuple[int, int, int]:
         """Row-stream position -> (epoch, group index in that epoch, usable-row offset in the group)."""
-        epoch, offset = divmod(position, self.rows_per_epoch)
-        for gi, chunks in enumerate(self.epoch_groups(epoch)):
-            n = int(self.chunk_usable[chunks].sum())
-            if offset < n:
-                return epoch, gi, offset
-            offset -= n
-        raise AssertionError("position beyond the epoch")   # unreachable: offset < rows_per_epoch
+        return locate(position, self.rows_per_epoch, self.chunk_usable, self.epoch_groups)
 
     # -- reading
 
@@ -99,9 +123,7 @@ class ChunkLoader:
         source = np.concatenate([p.source for p in parts])
         target = np.concatenate([p.target for p in parts])
         rows = np.concatenate([np.arange(p.start, p.start + len(p.tokens), dtype=np.int64) for p in parts])
-        usable = np.flatnonzero(self.usable_mask[rows])
-        perm = usable[np.random.default_rng([self.seed, epoch, gi, 1]).permutation(len(usable))]
-        return _Group(source, target, rows, perm)
+        return _Group(source, target, rows, group_perm(self.usable_mask, rows, self.seed, epoch, gi))
 
     def _groups_from(self, epoch: int, gi: int) -> Iterator[_Group]:
         """Groups in stream order from (epoch, gi) on, the next one read while this one is used."""
@@ -170,7 +192,10 @@ class ChunkLoader:
                 for k, v in norm.items()}
 
     def _normalize(self, src: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
-        n = self._norm
+        return self._normalize_with(self._norm, src, tgt)
+
+    @staticmethod
+    def _normalize_with(n: dict, src: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
         if src.device != n["source_mean"].device:
             n["source_mean"] = n["source_mean"].to(src.device)
             n["target_mean"] = n["target_mean"].to(src.device)
@@ -208,6 +233,181 @@ class ChunkLoader:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> "ChunkLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SetLoader:
+    """The batches of several transcoders (one per layer of a multi-layer store) from ONE pass over it.
+
+    Member i gets exactly the batches `ChunkLoader(stores[i], ...)` would give it from its position:
+    the chunk order and groups depend on the seed and the chunk count only, and each member's rows
+    are shuffled with its own layer's usable rows, as a one-layer run of that layer does. Each group
+    is read once for all members (every layer's chunks, concurrently) and kept while a member still
+    uses it. Members step in lockstep: `next()` gives {member: Batch} for the members furthest
+    behind (all of them once they agree; after a resume that found them at different steps, the
+    ones behind first), never past a member's `limit` rows. Memory: a group of every layer's
+    chunks, so about n_layers times a one-layer loader's buffers."""
+
+    def __init__(self, stores: list[Store], batch_size: int, *, positions: list[int], limits: list[int],
+                 seed: int = 0, group_chunks: int = DEFAULT_GROUP_CHUNKS, include_bos: bool = False,
+                 include_outliers: bool = False, norms: list[dict | None] | None = None,
+                 device: str | torch.device = "cpu", prefetch_batches: int = 4):
+        self.stores = stores
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.group_chunks = max(1, int(group_chunks))
+        self.device = torch.device(device)
+        self.n_chunks = stores[0].n_chunks
+        self.usable_mask = [s.usable(include_bos, include_outliers) for s in stores]
+        self.chunk_usable = [chunk_usable_counts(s, m) for s, m in zip(stores, self.usable_mask)]
+        self.rows_per_epoch = [int(c.sum()) for c in self.chunk_usable]
+        for s, n in zip(stores, self.rows_per_epoch):
+            if n == 0:
+                raise UserError(f"{s.path} layer {s.layer} has no usable rows (all are flagged BOS, clamped or "
+                                "outlier): cache more text")
+        norms = norms or [None] * len(stores)
+        self._norm = [ChunkLoader._norm_tensors(n, s.d_model) for n, s in zip(norms, stores)]
+        self.positions = [int(p) for p in positions]
+        self.limits = [int(v) for v in limits]
+        self._cache: dict[tuple[int, int], Any] = {}    # (epoch, group) -> Future of its data
+        self._current: dict[int, tuple[int, int]] = {}  # member -> the group it is cutting
+        self._open = {i for i in range(len(stores)) if self.positions[i] < self.limits[i]}   # still to serve
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch_batches))
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=self.group_chunks, thread_name_prefix="tc-read")
+        self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tc-group")
+        self._thread = threading.Thread(target=self._produce, daemon=True, name="tc-set-loader")
+        self._thread.start()
+
+    def epoch_groups(self, epoch: int) -> list[np.ndarray]:
+        return epoch_groups(self.seed, self.n_chunks, self.group_chunks, epoch)
+
+    # -- reading: each group once, all layers
+
+    def _read_group(self, epoch: int, gi: int, chunks: np.ndarray) -> list[_Group]:
+        jobs = [(i, int(c)) for i in range(len(self.stores)) for c in chunks]
+        parts = list(self._pool.map(lambda job: self.stores[job[0]].read_chunk(job[1]), jobs))
+        per = len(chunks)
+        rows = np.concatenate([np.arange(p.start, p.start + len(p.tokens), dtype=np.int64) for p in parts[:per]])
+        groups = []
+        for i in range(len(self.stores)):
+            mine = parts[i * per:(i + 1) * per]
+            groups.append(_Group(np.concatenate([p.source for p in mine]), np.concatenate([p.target for p in mine]),
+                                 rows, group_perm(self.usable_mask[i], rows, self.seed, epoch, gi)))
+        return groups
+
+    def _group(self, key: tuple[int, int]) -> Any:
+        """The future of a group's data, read once; the group after it is read ahead."""
+        for k in (key, self._next_key(key)):
+            if k not in self._cache:
+                self._cache[k] = self._ahead.submit(self._read_group, k[0], k[1], self.epoch_groups(k[0])[k[1]])
+        return self._cache[key]
+
+    def _next_key(self, key: tuple[int, int]) -> tuple[int, int]:
+        epoch, gi = key
+        return (epoch, gi + 1) if gi + 1 < len(self.epoch_groups(epoch)) else (epoch + 1, 0)
+
+    def _enter(self, member: int, key: tuple[int, int]) -> None:
+        """`member` cuts group `key` now: the groups every member has left are dropped."""
+        self._current[member] = key
+        if all(m in self._current for m in self._open):
+            oldest = min(self._current[m] for m in self._open)
+            for k in [k for k in self._cache if k < oldest]:
+                del self._cache[k]
+
+    def _member_batches(self, i: int) -> Iterator[tuple]:
+        """Member i's batches from its position on: ChunkLoader._produce, over the shared groups."""
+        epoch, gi, offset = locate(self.positions[i], self.rows_per_epoch[i], self.chunk_usable[i],
+                                   self.epoch_groups)
+        key = (epoch, gi)
+        pieces: list[tuple[_Group, np.ndarray]] = []
+        need = self.batch_size
+        while True:
+            self._enter(i, key)
+            group = self._group(key).result()[i]
+            idx = group.perm[offset:]
+            offset = 0
+            while len(idx):
+                take = idx[:need]
+                idx = idx[need:]
+                pieces.append((group, take))
+                need -= len(take)
+                if need == 0:
+                    yield self._make_batch(i, pieces)
+                    pieces, need = [], self.batch_size
+            key = self._next_key(key)
+
+    def _produce(self) -> None:
+        try:
+            streams = [self._member_batches(i) for i in range(len(self.stores))]
+            pos = list(self.positions)
+            while not self._stop.is_set():
+                open_ = [i for i in range(len(pos)) if pos[i] < self.limits[i]]
+                for i in set(self._open) - set(open_):   # reached its limit: no longer holds a group
+                    self._open.discard(i)
+                    self._current.pop(i, None)
+                if not open_:
+                    return
+                low = min(pos[i] for i in open_)
+                due = [i for i in open_ if pos[i] == low]
+                item = {i: next(streams[i]) for i in due}
+                for i in due:
+                    pos[i] += self.batch_size
+                self._put(item)
+        except BaseException as e:   # hand the error to the consumer
+            self._put(e)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _make_batch(self, i: int, pieces: list[tuple[_Group, np.ndarray]]) -> tuple:
+        src = torch.from_numpy(np.concatenate([g.source[k] for g, k in pieces]))
+        tgt = torch.from_numpy(np.concatenate([g.target[k] for g, k in pieces]))
+        rows = torch.from_numpy(np.concatenate([g.rows[k] for g, k in pieces]))
+        if self.device.type == "cuda":
+            return src.pin_memory(), tgt.pin_memory(), rows.pin_memory()
+        return ChunkLoader._normalize_with(self._norm[i], src, tgt) + (rows,)
+
+    # -- iteration
+
+    def __iter__(self) -> "SetLoader":
+        return self
+
+    def __next__(self) -> dict[int, Batch]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        out = {}
+        for i, (src, tgt, rows) in item.items():
+            if self.device.type == "cuda":
+                src = src.to(self.device, non_blocking=True)
+                tgt = tgt.to(self.device, non_blocking=True)
+                rows = rows.to(self.device, non_blocking=True)
+                src, tgt = ChunkLoader._normalize_with(self._norm[i], src, tgt)
+            self.positions[i] += self.batch_size
+            out[i] = Batch(src, tgt, rows)
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        self._thread.join(timeout=10)
+        self._ahead.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "SetLoader":
         return self
 
     def __exit__(self, *exc) -> None:

@@ -14,6 +14,14 @@ RUN/
   export/                  the JSON or HTML export
   eval.json, eval_fvu_per_prefix.png, tc-eval.toml
 
+A SET of transcoders (`tc train --layers`, one per layer of a multi-layer store) is a folder of
+ordinary run folders plus its manifest:
+
+SET/
+  set.json                 the set's TrainConfig, its layers, its store, versions (written first)
+  tc-train.toml            the command, repeatable with --config
+  layer_{L}/               an ordinary run folder per layer (everything above)
+
 Only this module knows these names; train, checkpoints, metrics, samples, export, eval, info and the
 demo ask a `Run` for paths and answers.
 """
@@ -36,6 +44,7 @@ SAMPLES_FILE = "samples.safetensors"   # in both sample folders
 COLLECT_META = "collect.json"          # written last by `tc samples collect`: marks it finished
 COLLECT_STATE = "state.safetensors"    # resumable state of an unfinished collect
 RUN_LOCK = ".tc-run.lock"              # held by the one process training in the folder
+SET_MANIFEST = "set.json"
 
 
 class Run:
@@ -156,16 +165,22 @@ class Run:
                             "pass --cache STORE")
         return str(path)
 
+    def store_layer(self) -> int | None:
+        """The layer of a multi-layer store the run trained on (None: a one-layer store's run)."""
+        layer = self.config().get("layer")
+        return layer if isinstance(layer, int) else None
+
     def store(self, cache: str | None = None) -> Store:
-        """The store (complete) a stage after training reads: `cache`, or the training store."""
-        return Store(self.store_path(cache)).require_complete()
+        """The store (complete) a stage after training reads: `cache`, or the training store; for a
+        run of one layer of a multi-layer store, that layer of it."""
+        return Store(self.store_path(cache), self.store_layer()).require_complete()
 
     def training_store(self, fallback: Store) -> Store:
         """The store the run trained on; `fallback` when that one is gone or is the same."""
         path = self.trained_on()
         if not path or not Location(path).exists() or resolved(path) == resolved(fallback.path):
             return fallback
-        return Store(path).require_complete()
+        return Store(path, self.store_layer()).require_complete()
 
     def transcoder(self, device: Any = "cpu") -> Transcoder:
         """The final transcoder, in eval mode; a UserError when training has not finished."""
@@ -209,3 +224,68 @@ def open_run(path: str | Path | None) -> Run:
     if not run.exists:
         raise UserError(f"{run.path} is not a tc run folder (no {CONFIG}): pass the folder `tc train` wrote")
     return run
+
+
+class RunSet:
+    """A set folder: one run folder per layer and the manifest (module docstring)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def manifest_file(self) -> Path:
+        return self.path / SET_MANIFEST
+
+    @property
+    def config_toml(self) -> Path:
+        return self.path / "tc-train.toml"
+
+    @property
+    def exists(self) -> bool:
+        """set.json is written first (atomically): from then on the folder is a set."""
+        return self.manifest_file.is_file()
+
+    def manifest(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.manifest_file.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{self.manifest_file} is damaged ({type(e).__name__}): it says which runs make the "
+                            "set; train the set again into a new folder") from None
+
+    def layers(self) -> list[int]:
+        return [int(layer) for layer in self.manifest()["layers"]]
+
+    def layer_run(self, layer: int) -> Run:
+        return Run(self.path / f"layer_{layer}")
+
+    def runs(self) -> list[Run]:
+        return [self.layer_run(layer) for layer in self.layers()]
+
+    @property
+    def finished(self) -> bool:
+        return all(run.finished for run in self.runs())
+
+
+def is_set(path: str | Path) -> bool:
+    return RunSet(path).exists
+
+
+def open_set_layer(path: str | Path, layer: int | None) -> Run:
+    """`--run` for a stage that takes one run: a run folder, or a set folder with `layer` (one line
+    when it is missing or not in the set)."""
+    if not is_set(path):
+        run = open_run(path)
+        if layer is not None and run.store_layer() not in (None, layer):
+            raise UserError(f"{run.path} is the run of layer {run.store_layer()}, not layer {layer}: drop --layer")
+        return run
+    runset = RunSet(path)
+    if layer is None:
+        raise UserError(f"{runset.path} is a set of transcoders (layers {','.join(map(str, runset.layers()))}): "
+                        "pass --layer L for one of them")
+    if layer not in runset.layers():
+        raise UserError(f"{runset.path} has no transcoder of layer {layer}: its layers are "
+                        f"{','.join(map(str, runset.layers()))}")
+    return open_run(runset.layer_run(layer).path)

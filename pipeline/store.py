@@ -21,10 +21,12 @@ import torch
 import zarr
 
 from pipeline.storage import Location, ObjectLock
-from pipeline.util import FolderLock, UserError, fault_point, versions
+from pipeline.util import FolderLock, UserError, fault_point, format_layers, versions
 
 SCHEMA = "tc-store"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1          # one layer: what `tc cache --layer L` writes
+LAYERS_SCHEMA_VERSION = 2   # several layers in one store: `tc cache --layers ...` (docs/store.md)
+READ_VERSIONS = (SCHEMA_VERSION, LAYERS_SCHEMA_VERSION)
 FLAG_BOS = 1        # row is a BOS token: excluded from statistics, training and samples by default
 FLAG_OVERFLOW = 2   # a value exceeded the fp16 range and was clamped to +-65504
 FLAG_OUTLIER = 4    # source norm far beyond its chunk's typical row (outlier_mask): excluded by default
@@ -38,6 +40,9 @@ META_COLUMNS = ["committed", "rows", "stat_rows", "overflow_source", "overflow_t
 # the commit; the whole-store arrays written at finalize get one each, in the `array_crc` attribute.
 CRC_ARRAYS = ("source", "target", "tokens", "flags", "chunk_stats", "chunk_norms", "chunk_meta")
 CHECKSUM = "crc32 of each chunk's values, little-endian, rows written only"
+# Schema 2: each layer's own arrays, under layers/{L}/, each equal to the array of that name in the
+# one-layer store of layer L; `tokens` and the commit row `chunk_meta` are shared at the top.
+LAYER_ARRAYS = ("source", "target", "flags", "chunk_stats", "chunk_norms", "chunk_meta")
 LOCK_NAME = ".tc-writer.lock"
 
 
@@ -68,6 +73,17 @@ def outlier_mask(source16: np.ndarray, flags: np.ndarray, factor: float = OUTLIE
 def chunk_rows_for(seq_len: int, target: int = DEFAULT_CHUNK_ROWS) -> int:
     """Whole sequences per chunk, about `target` rows: a chunk never splits a sequence."""
     return max(1, round(target / seq_len)) * seq_len
+
+
+def layer_prefix(layer: int) -> str:
+    """Where layer L's arrays live in a schema-2 store: layers/{L}/source, ..."""
+    return f"layers/{layer}/"
+
+
+def layers_crc_arrays(layers: list[int]) -> list[str]:
+    """The `chunk_crc` columns of a schema-2 store, in the order a chunk is written: the shared
+    tokens, every layer's arrays, the commit row last."""
+    return ["tokens"] + [layer_prefix(L) + name for L in layers for name in LAYER_ARRAYS] + ["chunk_meta"]
 
 
 def crc32(values: np.ndarray) -> int:
@@ -138,16 +154,27 @@ class StoreWriter:
         self.n_chunks = int(group["chunk_meta"].shape[0])
         # a store begun before the outlier rule stays without it, so all its chunks agree
         self.outlier_factor = float(group.attrs.get("outlier_rule", {}).get("factor", 0.0))
+        # a schema-2 store's layers, each with its own arrays; None: a one-layer store (schema 1)
+        self.layers = [int(L) for L in group.attrs["layers"]] if "layer_attrs" in group.attrs else None
+        names = list(CHUNKED_ARRAYS) if self.layers is None else \
+            ["tokens", "chunk_crc", "chunk_meta"] + [layer_prefix(L) + n for L in self.layers for n in LAYER_ARRAYS]
         # a store begun before checksums has no chunk_crc: it stays without, like the outlier rule
-        self.arrays = {name: group[name] for name in CHUNKED_ARRAYS if name in group}
+        self.arrays = {name: group[name] for name in names if name in group}
         self.checksums = "chunk_crc" in self.arrays
+        self.crc_arrays = list(group.attrs.get("checksum", {}).get("arrays", CRC_ARRAYS))
         self.folders = {name: chunk_folder(a) for name, a in self.arrays.items()}
 
     @classmethod
     def create(cls, path: str | Path, *, n_rows: int, d_model: int, chunk_rows: int,
                attrs: dict[str, Any], vocab: list[str] | None = None, compress: bool = False,
-               outlier_factor: float = OUTLIER_FACTOR) -> "StoreWriter":
-        """A new, empty store planned for `n_rows` rows. The caller has checked it may write here."""
+               outlier_factor: float = OUTLIER_FACTOR, layers: dict[int, dict[str, str]] | None = None
+               ) -> "StoreWriter":
+        """A new, empty store planned for `n_rows` rows. The caller has checked it may write here.
+        `layers` ({layer: hooks}) makes a schema-2 store of those layers; None, a schema-1 store."""
+        crc_arrays = list(CRC_ARRAYS) if layers is None else layers_crc_arrays(sorted(layers))
+        if layers is not None:
+            attrs = {**attrs, "layers": sorted(layers),
+                     "layer_attrs": {str(L): {"hooks": layers[L]} for L in sorted(layers)}}
         where = Location(path)
         if not where.remote:
             where.root.mkdir(parents=True, exist_ok=True)
@@ -157,28 +184,20 @@ class StoreWriter:
             # all attributes in the group's first zarr.json, before any array: a store cut short
             # here is recognisable as tc's and empty (see creation_interrupted)
             group = zarr.open_group(where.zarr_store(), mode="w", attributes={   # clears the folder, the lock too
-                **attrs, "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "versions": versions(),
+                **attrs, "schema": SCHEMA, "versions": versions(),
+                "schema_version": SCHEMA_VERSION if layers is None else LAYERS_SCHEMA_VERSION,
                 "d_model": d_model, "chunk_rows": chunk_rows, "n_rows_planned": n_rows, "n_rows": 0,
                 "complete": False, "flags": {"bos": FLAG_BOS, "overflow": FLAG_OVERFLOW, "outlier": FLAG_OUTLIER},
                 "outlier_rule": {"rule": OUTLIER_RULE, "factor": float(outlier_factor)},
-                "checksum": {"rule": CHECKSUM, "arrays": list(CRC_ARRAYS)}})
+                "checksum": {"rule": CHECKSUM, "arrays": crc_arrays}})
             lock.write()
             n_chunks = -(-n_rows // chunk_rows)
             # fp16 activations barely compress (zstd 1.08x) and reads get 2-4x slower: raw by default
             compressors = "auto" if compress else None
-            for name in ("source", "target"):
-                group.create_array(name, shape=(n_rows, d_model), chunks=(chunk_rows, d_model),
-                                   dtype="float16", compressors=compressors, fill_value=0)
-            # the small arrays are a few bytes per row next to kilobytes of activations: raw too
-            group.create_array("tokens", shape=(n_rows,), chunks=(chunk_rows,), dtype="int32", fill_value=0,
-                               compressors=None)
-            group.create_array("flags", shape=(n_rows,), chunks=(chunk_rows,), dtype="uint8", fill_value=0,
-                               compressors=None)
-            group.create_array("chunk_stats", shape=(n_chunks, 4, d_model), chunks=(1, 4, d_model),
-                               dtype="float64", fill_value=0, compressors=None)
-            group.create_array("chunk_norms", shape=(n_chunks, 2), chunks=(1, 2), dtype="float64", fill_value=0,
-                               compressors=None)
-            group.create_array("chunk_crc", shape=(n_chunks, len(CRC_ARRAYS)), chunks=(1, len(CRC_ARRAYS)),
+            for i, prefix in enumerate([""] if layers is None else [layer_prefix(L) for L in sorted(layers)]):
+                create_layer_arrays(group, prefix, n_rows, d_model, chunk_rows, n_chunks, compressors,
+                                    meta=layers is not None, tokens=i == 0)
+            group.create_array("chunk_crc", shape=(n_chunks, len(crc_arrays)), chunks=(1, len(crc_arrays)),
                                dtype="uint32", fill_value=0, compressors=None)
             if vocab is not None:
                 write_vocab(group, vocab)
@@ -208,17 +227,40 @@ class StoreWriter:
         return [int(c) for c in np.flatnonzero(committed == 0)]
 
     def write_chunk(self, c: int, source: Any, target: Any, tokens: np.ndarray, bos_mask: np.ndarray,
-                    clamped: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                    clamped: Any = None) -> None:
         """Write chunk c (all its rows at once) and commit it.
 
         `source` and `target` are activations in any float dtype, cast here by `to_fp16`; or fp16
-        arrays that `to_fp16` already made, with its clamped-row masks in `clamped`.
+        arrays that `to_fp16` already made, with its clamped-row masks in `clamped`. For a schema-2
+        store all three are dicts by layer ({layer: array}, {layer: masks}), every layer given.
         """
-        n = len(tokens)
+        values = {"tokens": tokens.astype(np.int32)}
+        if self.layers is None:
+            values.update(self._layer_values(source, target, bos_mask, clamped))
+        else:
+            if sorted(source) != self.layers:
+                raise ValueError(f"chunk {c}: layers {sorted(source)} given, the store holds {self.layers}")
+            for L in self.layers:
+                one = self._layer_values(source[L], target[L], bos_mask, None if clamped is None else clamped[L])
+                values.update({layer_prefix(L) + k: v for k, v in one.items()})
+            values["chunk_meta"] = np.array([[1, len(tokens), 0, 0, 0, 0]], dtype=np.int64)   # the commit row
+        for name in self.crc_arrays[:-1]:
+            self._put(name, c, values[name])
+        if self.checksums:   # checksums of everything, the commit row's too, just before the commit
+            self._put("chunk_crc", c, np.array([[crc32(values[k]) for k in self.crc_arrays]], dtype=np.uint32))
+        fault_point("chunk_before_commit")
+        self._put("chunk_meta", c, values["chunk_meta"])   # the commit: written last
+        fault_point("chunk_committed")
+
+    def _layer_values(self, source: Any, target: Any, bos_mask: np.ndarray, clamped: Any) -> dict[str, np.ndarray]:
+        """One layer's arrays of a chunk: its fp16 rows, flags, statistics and chunk_meta row (the
+        commit row of a schema-1 store). A layer's flags are its own: overflow and outliers are
+        properties of its activations, so each layer of a schema-2 store equals its schema-1 store."""
         if clamped is None:
             (src16, src_over), (tgt16, tgt_over) = to_fp16(source), to_fp16(target)
         else:
             (src16, tgt16), (src_over, tgt_over) = (source, target), clamped
+        n = len(bos_mask)
         flags = np.where(bos_mask, FLAG_BOS, 0).astype(np.uint8)
         flags |= np.where(src_over | tgt_over, FLAG_OVERFLOW, 0).astype(np.uint8)
         flags |= np.where(outlier_mask(src16, flags, self.outlier_factor), FLAG_OUTLIER, 0).astype(np.uint8)
@@ -227,16 +269,9 @@ class StoreWriter:
         src_sum, src_sq, src_norm = chunk_sums(src16[keep])
         tgt_sum, tgt_sq, tgt_norm = chunk_sums(tgt16[keep])
         meta = [1, n, int(keep.sum()), int(src_over.sum()), int(tgt_over.sum()), int((src_over | tgt_over).sum())]
-        values = {"source": src16, "target": tgt16, "tokens": tokens.astype(np.int32), "flags": flags,
-                  "chunk_stats": np.stack([src_sum, src_sq, tgt_sum, tgt_sq])[None],
-                  "chunk_norms": np.array([[src_norm, tgt_norm]]), "chunk_meta": np.array([meta], dtype=np.int64)}
-        for name in CRC_ARRAYS[:-1]:
-            self._put(name, c, values[name])
-        if self.checksums:   # checksums of everything, the commit row's too, just before the commit
-            self._put("chunk_crc", c, np.array([[crc32(values[k]) for k in CRC_ARRAYS]], dtype=np.uint32))
-        fault_point("chunk_before_commit")
-        self._put("chunk_meta", c, values["chunk_meta"])   # the commit: written last
-        fault_point("chunk_committed")
+        return {"source": src16, "target": tgt16, "flags": flags,
+                "chunk_stats": np.stack([src_sum, src_sq, tgt_sum, tgt_sq])[None],
+                "chunk_norms": np.array([[src_norm, tgt_norm]]), "chunk_meta": np.array([meta], dtype=np.int64)}
 
     def uncommit(self, chunks: list[int]) -> None:
         """Mark chunks to be written again (damaged ones): the store is unfinished until they are."""
@@ -279,23 +314,19 @@ class StoreWriter:
             missing = np.flatnonzero(meta[:, 0] == 0).tolist()
             raise RuntimeError(f"cannot finalize: chunks {missing[:5]} are not committed")
         # each array on its own: a run killed part-way through the resizes finishes them on resume
-        for name in self.arrays:
-            length = n_chunks if name.startswith("chunk_") else n_rows
-            if g[name].shape[0] != length:
-                g[name].resize((length, *g[name].shape[1:]))
-        stats = aggregate_stats(g["chunk_stats"][:], g["chunk_norms"][:], meta)
-        sg = g.require_group("stats")
-        for side in ("source", "target"):
-            for key in ("mean", "var"):
-                arr = stats[side].pop(key)
-                sg.create_array(f"{side}_{key}", shape=arr.shape, dtype="float64", overwrite=True)[:] = arr
-                whole[f"stats/{side}_{key}"] = arr
-        overflow = {"source": int(meta[:, 3].sum()), "target": int(meta[:, 4].sum()), "rows": int(meta[:, 5].sum())}
-        flags = g["flags"][:n_rows]
-        summary = {"n_rows": n_rows, "complete": True, "stats": stats, "overflow": overflow,
-                   "n_bos_rows": int(np.count_nonzero(flags & FLAG_BOS))}
-        if "outlier_rule" in g.attrs:
-            summary["n_outlier_rows"] = int(np.count_nonzero(flags & FLAG_OUTLIER))
+        for name, arr in self.arrays.items():
+            length = n_chunks if name.rsplit("/", 1)[-1].startswith("chunk_") else n_rows
+            if arr.shape[0] != length:
+                g[name].resize((length, *arr.shape[1:]))
+        if self.layers is None:
+            summary = {"n_rows": n_rows, "complete": True, **self._finalize_layer("", meta, n_rows, whole)}
+            if "outlier_rule" not in g.attrs:
+                summary.pop("n_outlier_rows")
+        else:
+            layer_attrs = {str(L): {**g.attrs["layer_attrs"][str(L)], **self._finalize_layer(
+                layer_prefix(L), g[layer_prefix(L) + "chunk_meta"][:n_chunks], n_rows, whole)} for L in self.layers}
+            bos = layer_attrs[str(self.layers[0])]["n_bos_rows"]   # BOS rows are the same rows in every layer
+            summary = {"n_rows": n_rows, "complete": True, "n_bos_rows": bos, "layer_attrs": layer_attrs}
         if self.checksums:
             if "vocab" in g and "vocab/offsets" not in whole:   # written at creation: read it back
                 whole.update({k: g[k][:] for k in ("vocab/offsets", "vocab/bytes")})
@@ -306,8 +337,46 @@ class StoreWriter:
         g.update_attributes(summary)
         return summary
 
+    def _finalize_layer(self, prefix: str, meta: np.ndarray, n_rows: int, whole: dict[str, np.ndarray]) -> dict:
+        """One layer's statistics arrays (written, and added to `whole` for their checksums) and its
+        summary attributes."""
+        g = self.group
+        stats = aggregate_stats(g[prefix + "chunk_stats"][:], g[prefix + "chunk_norms"][:], meta)
+        sg = g.require_group(prefix + "stats")
+        for side in ("source", "target"):
+            for key in ("mean", "var"):
+                arr = stats[side].pop(key)
+                sg.create_array(f"{side}_{key}", shape=arr.shape, dtype="float64", overwrite=True)[:] = arr
+                whole[f"{prefix}stats/{side}_{key}"] = arr
+        overflow = {"source": int(meta[:, 3].sum()), "target": int(meta[:, 4].sum()), "rows": int(meta[:, 5].sum())}
+        flags = g[prefix + "flags"][:n_rows]
+        return {"stats": stats, "overflow": overflow, "n_bos_rows": int(np.count_nonzero(flags & FLAG_BOS)),
+                "n_outlier_rows": int(np.count_nonzero(flags & FLAG_OUTLIER))}
+
     def close(self) -> None:
         self.lock.release()
+
+
+def create_layer_arrays(group: zarr.Group, prefix: str, n_rows: int, d_model: int, chunk_rows: int,
+                        n_chunks: int, compressors: Any, meta: bool, tokens: bool) -> None:
+    """One layer's empty arrays, under `prefix` ("" in a schema-1 store; its chunk_meta, the commit
+    row, is made last by the caller, and in a schema-2 store each layer has one of its own too);
+    with `tokens`, the shared token ids after the first source and target (schema 1's order)."""
+    for name in ("source", "target"):
+        group.create_array(prefix + name, shape=(n_rows, d_model), chunks=(chunk_rows, d_model),
+                           dtype="float16", compressors=compressors, fill_value=0)
+    if tokens:   # the small arrays are a few bytes per row next to kilobytes of activations: raw too
+        group.create_array("tokens", shape=(n_rows,), chunks=(chunk_rows,), dtype="int32", fill_value=0,
+                           compressors=None)
+    group.create_array(prefix + "flags", shape=(n_rows,), chunks=(chunk_rows,), dtype="uint8", fill_value=0,
+                       compressors=None)
+    group.create_array(prefix + "chunk_stats", shape=(n_chunks, 4, d_model), chunks=(1, 4, d_model),
+                       dtype="float64", fill_value=0, compressors=None)
+    group.create_array(prefix + "chunk_norms", shape=(n_chunks, 2), chunks=(1, 2), dtype="float64", fill_value=0,
+                       compressors=None)
+    if meta:
+        group.create_array(prefix + "chunk_meta", shape=(n_chunks, len(META_COLUMNS)), chunks=(1, len(META_COLUMNS)),
+                           dtype="int64", fill_value=0, compressors=None)
 
 
 def chunk_folder(arr: zarr.Array) -> Path | None:
@@ -437,33 +506,83 @@ class Store:
     Opening checks the layout (attributes, arrays, shapes) and says in one line what is wrong;
     every chunk read is checked against the checksum written with it (DamagedStore if not)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, layer: int | None = None):
+        """`layer`: which layer of a schema-2 store this object reads (source, target, flags and
+        statistics are that layer's, and `attrs` carries its hooks and statistics, so every stage
+        reads it as a one-layer store). None: the only layer, or, in a store of several, none (the
+        shared arrays, tokens, vocabulary, checksums only). A schema-1 store holds one layer."""
         self.path = str(path)
         self._arrays: dict[str, zarr.Array] = {}
         if not is_store(path):
             raise UserError(f"{path} is not a tc activation store: make one with `tc cache --out {path}`")
         self.group = open_group_checked(self.path)
         self.attrs: dict[str, Any] = self.group.attrs.asdict()
-        if self.attrs.get("schema") != SCHEMA or self.attrs.get("schema_version") != SCHEMA_VERSION:
+        if self.attrs.get("schema") != SCHEMA or self.attrs.get("schema_version") not in READ_VERSIONS:
             raise UserError(f"{path} has store schema {self.attrs.get('schema')}/{self.attrs.get('schema_version')}, "
-                            f"this tc reads {SCHEMA}/{SCHEMA_VERSION}: re-run `tc cache`")
+                            f"this tc reads {SCHEMA}/{','.join(map(str, READ_VERSIONS))}: re-run `tc cache`")
+        self.layers, self.layer, self.prefix = self._choose_layer(layer)
         check_attrs(self.path, self.attrs)
         self.d_model = int(self.attrs["d_model"])
         self.seq_len = int(self.attrs["seq_len"])
         self.chunk_rows = int(self.attrs["chunk_rows"])
         self.complete = bool(self.attrs.get("complete"))
-        self.source = self._array("source")
-        self.target = self._array("target")
-        self.n_rows = int(self.attrs["n_rows"]) if self.complete else int(self.source.shape[0])
+        bound = self.prefix is not None
+        self.source = self._array(self._full("source")) if bound else None
+        self.target = self._array(self._full("target")) if bound else None
+        self.n_rows = int(self.attrs["n_rows"]) if self.complete else int(self._array("tokens").shape[0])
         self.n_chunks = -(-self.n_rows // self.chunk_rows)
         self._check_arrays()
         self.has_checksums = "chunk_crc" in self.group
+        self.crc_arrays = list(self.attrs.get("checksum", {}).get("arrays", CRC_ARRAYS))
         self._crc: np.ndarray | None = None
         self._tokens: np.ndarray | None = None
         self._flags: np.ndarray | None = None
         self._stats: dict[str, dict[str, Any]] | None = None
         # stores made before the outlier rule get its bits at read time (one pass over source)
         self.outliers_at_read = self.complete and "outlier_rule" not in self.attrs
+
+    @property
+    def multi_layer(self) -> bool:
+        """A schema-2 store (`tc cache --layers`), whatever the number of its layers."""
+        return self.attrs.get("schema_version") == LAYERS_SCHEMA_VERSION
+
+    def _choose_layer(self, layer: int | None) -> tuple[list[int], int | None, str | None]:
+        """(the store's layers, the layer read, its array prefix); for a schema-2 store, `attrs` gets
+        that layer's attributes (hooks, statistics, overflow, outlier count) on top of the store's."""
+        a = self.attrs
+        if not self.multi_layer:
+            if layer is not None and isinstance(a.get("layer"), int) and layer != a["layer"]:
+                raise UserError(f"{self.path} holds layer {a['layer']} only, not layer {layer}: pass a store of "
+                                f"layer {layer} (or one made with `tc cache --layers`)")
+            return [a.get("layer")], a.get("layer"), ""
+        layers, per_layer = a.get("layers"), a.get("layer_attrs")
+        if not (isinstance(layers, list) and layers and all(_whole_number(L, 0) for L in layers)
+                and isinstance(per_layer, dict) and all(isinstance(per_layer.get(str(L)), dict) for L in layers)):
+            raise UserError(f"{self.path} is damaged: its attributes layers/layer_attrs are {layers!r}: re-create "
+                            "the store (`tc cache ... --overwrite`)")
+        if layer is None and len(layers) == 1:
+            layer = layers[0]
+        if layer is None:
+            self.attrs = {**a, "hooks": per_layer[str(layers[0])].get("hooks")}   # for the layout checks
+            return layers, None, None
+        if layer not in layers:
+            raise UserError(f"{self.path} holds layers {format_layers(layers)}, not layer {layer}: pick one of them")
+        self.attrs = {**a, **per_layer[str(layer)], "layer": layer}
+        return layers, layer, layer_prefix(layer)
+
+    def _full(self, name: str) -> str:
+        """The array that holds this layer's `name` (source, target, flags, chunk_stats, chunk_norms,
+        stats/...); the shared ones (tokens, chunk_meta, vocab) keep their names."""
+        if name in ("tokens", "chunk_meta", "chunk_crc") or name.startswith(("vocab/", "layers/")):
+            return name
+        if self.prefix is None:
+            raise UserError(f"{self.path} holds layers {format_layers(self.layers)}: say which one to read "
+                            "(--layer L)")
+        return self.prefix + name
+
+    def layer_view(self, layer: int) -> "Store":
+        """The same store, reading `layer`."""
+        return Store(self.path, layer)
 
     def _array(self, name: str) -> zarr.Array:
         try:
@@ -473,9 +592,11 @@ class Store:
                             f"({_one_line(e)}): re-create the store (`tc cache ... --overwrite`)") from None
 
     def _check_arrays(self) -> None:
-        rows = self.source.shape[0]
-        expect = {"source": (rows, self.d_model), "target": (rows, self.d_model), "tokens": (rows,),
-                  "flags": (rows,)}
+        rows = self._array("tokens").shape[0]
+        expect = {"tokens": (rows,)}
+        for prefix in ([""] if not self.multi_layer else [layer_prefix(L) for L in self.layers]):
+            expect.update({prefix + "source": (rows, self.d_model), prefix + "target": (rows, self.d_model),
+                           prefix + "flags": (rows,)})
         for name, shape in expect.items():
             arr = self._array(name)
             if arr.shape != shape or arr.chunks[0] != self.chunk_rows:
@@ -488,7 +609,7 @@ class Store:
         meta = self._array("chunk_meta")
         if meta.shape[0] < self.n_chunks or meta.shape[1:] != (len(META_COLUMNS),):
             raise UserError(f"{self.path} is damaged: chunk_meta has shape {meta.shape} for {self.n_chunks} chunks")
-        if self.complete and "stats" not in self.group:
+        if self.complete and self.prefix is not None and self.prefix + "stats" not in self.group:
             raise UserError(f"{self.path} is damaged: it is marked complete but has no statistics: re-run the "
                             "same `tc cache` command")
 
@@ -525,16 +646,18 @@ class Store:
 
     def _checked(self, name: str, c: int, values: np.ndarray) -> np.ndarray:
         crc = self.crc
-        if crc is not None and crc32(values) != int(crc[c, CRC_ARRAYS.index(name)]):
+        if crc is not None and crc32(values) != int(crc[c, self.crc_arrays.index(name)]):
             raise self.damage(name, c)
         return values
 
     def _chunk(self, name: str, c: int) -> np.ndarray:
         a, b = self.chunk_range(c)
+        name = self._full(name)
         return self._checked(name, c, self._read(name, a, b, c))
 
     def _whole_rows(self, name: str) -> np.ndarray:
         """A per-row array (tokens, flags) in full, every chunk of it checked."""
+        name = self._full(name)
         values = self._read(name, 0, self.n_rows)
         if self.crc is not None:
             for c in range(self.n_chunks):
@@ -543,6 +666,7 @@ class Store:
 
     def _whole(self, name: str) -> np.ndarray:
         """A whole-store array written at finalize (statistics, vocabulary), checked."""
+        name = self._full(name)
         values = self._read(name, 0, None)
         expected = self.attrs.get("array_crc", {}).get(name)
         if expected is not None and crc32(values) != int(expected):
@@ -607,6 +731,7 @@ class Store:
         """Per-side mean (d,), var (d,), mean_norm, mean_sq_norm, count over the usable rows
         (BOS, clamped and outlier rows left out)."""
         self.require_complete()
+        self._full("stats")   # one line when no layer was chosen in a store of several
         if self.outliers_at_read:
             self.flags   # computes the statistics without the outlier rows too
             return {side: dict(v) for side, v in self._stats.items()}
@@ -674,11 +799,11 @@ class Store:
             meta = self._read("chunk_meta", c, c + 1)
         except DamagedStore:
             return ["chunk_meta"]
-        if crc32(meta) != int(crc[CRC_ARRAYS.index("chunk_meta")]):
+        if crc32(meta) != int(crc[self.crc_arrays.index("chunk_meta")]):
             return ["chunk_meta"]   # its row count cannot be trusted: the chunk is rewritten whole anyway
         start, n = c * self.chunk_rows, int(meta[0, 1])
-        for i, name in enumerate(CRC_ARRAYS[:-1]):
-            a, b = (c, c + 1) if name.startswith("chunk_") else (start, start + n)
+        for i, name in enumerate(self.crc_arrays[:-1]):
+            a, b = (c, c + 1) if name.rsplit("/", 1)[-1].startswith("chunk_") else (start, start + n)
             try:
                 ok = crc32(self._read(name, a, b, c)) == int(crc[i])
             except DamagedStore:
@@ -698,4 +823,5 @@ class Store:
 
     @property
     def hooks(self) -> dict[str, str]:
+        self._full("source")   # one line when no layer was chosen in a store of several
         return self.attrs["hooks"]

@@ -31,15 +31,15 @@ from pipeline.checkpoints import (checkpoint_meta, newest_intact, read_checkpoin
                                   write_checkpoint)
 from pipeline.collector import SampleSettings, make_collector
 from pipeline.config import checked
-from pipeline.loader import ChunkLoader
+from pipeline.loader import ChunkLoader, SetLoader
 from pipeline.metrics import Metrics, WandbLogger, read_metrics, truncate_metrics, write_plots
-from pipeline.run import RUN_LOCK, TRANSCODER, Run
+from pipeline.run import RUN_LOCK, TRANSCODER, Run, RunSet, is_set
 from pipeline.storage import Location, is_remote, resolved
 from pipeline.store import Store
 from pipeline.transcoder import ENCODER_INIT_SCALE, Transcoder, TranscoderOutput, norm_constants
-from pipeline.util import (FolderLock, UserError, check_free_space, fault_point, file_checksum, opt, parse_count,
-                           parse_int_list, pick_device, resume_hint, short_count, to_jsonable, versions,
-                           write_config_toml, write_json_atomic)
+from pipeline.util import (FolderLock, UserError, check_free_space, fault_point, file_checksum, format_layers,
+                           layer_spec, opt, parse_count, parse_int_list, parse_layers, pick_device, resume_hint,
+                           short_count, to_jsonable, versions, write_config_toml, write_json_atomic)
 
 KILL_ENV = "TC_TRAIN_KILL_AT_STEP"   # testing hook: SIGKILL this process right after that step
 RESUME_FREE = {"resume", "out", "cache", "device", "log_every", "checkpoint_every", "checkpoint_minutes",
@@ -70,6 +70,10 @@ def _opt_list(text: str | list | None) -> list[int] | None:
 class TrainConfig:
     # Data
     cache: str | None = opt(None, "Activation store written by `tc cache`: a path or an s3:// or gs:// URL (required unless --resume).", "Data")
+    layer: int | None = opt(None, "The layer to train, in a store of several layers (`tc cache --layers`).", "Data")
+    layers: str | None = opt(None, "Train a SET, one transcoder per layer of a store of several, from one pass "
+                             "over it: all, 6,8 or 0-3 (--out gets a run folder per layer; docs/transcoder.md).",
+                             "Data", parse=layer_spec)
     batch_size: int = opt(1024, "Rows (tokens) per optimiser step.", "Data")
     steps: int | None = opt(None, "Optimiser steps (default: one pass over the store's usable rows).", "Data",
                             parse=_count_option("--steps"))
@@ -211,6 +215,12 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("--wandb-project needs the wandb package: pip install wandb")
     if cfg.resume is None and not cfg.cache:
         raise UserError("no store given: pass --cache STORE (made by `tc cache`), or --resume RUN")
+    if cfg.layer is not None and cfg.layers is not None:
+        raise UserError("give --layer (one transcoder) or --layers (a set), not both")
+    if cfg.layer is not None and cfg.layer < 0:
+        raise UserError(f"--layer must be 0 or more, got {cfg.layer}")
+    if cfg.layers is not None and cfg.layers.strip() != "all":
+        parse_layers(cfg.layers)
 
 
 def check_local_run_folder(cfg: TrainConfig) -> None:
@@ -233,10 +243,15 @@ def store_identity(store: Store) -> dict[str, Any]:
             "target_mean_norm": stats.get("target", {}).get("mean_norm")}
 
 
-def open_store(path: str) -> Store:
+def open_store(path: str, layer: int | None = None) -> Store:
+    """The complete store to train on; for a store of several layers, `layer` of it."""
     if not Location(path).exists():
         raise UserError(f"store {path} does not exist: make it with `tc cache --out {path}`")
-    return Store(path).require_complete()
+    store = Store(path, layer).require_complete()
+    if store.prefix is None:
+        raise UserError(f"{path} holds layers {format_layers(store.layers)}: pass --layer L to train one of them, "
+                        f"or --layers all (or a list such as {store.layers[0]},{store.layers[-1]}) for a set")
+    return store
 
 
 def architecture(groups: list[int], skip: bool = False) -> str:
@@ -318,7 +333,7 @@ def prepare(cfg: TrainConfig, given: set[str] | None = None) -> Setup:
         return prepare_resume(cfg, given)
     cfg = resolve(cfg)
     validate(cfg)
-    store = open_store(cfg.cache)
+    store = open_store(cfg.cache, cfg.layer)
     run = Run(cfg.out) if cfg.out else Run(auto_run_dir(cfg, store))
     if run.path.exists() and (not run.path.is_dir() or any(p.name != RUN_LOCK for p in run.path.iterdir())):
         raise UserError(f"--out {run.path} exists and is not empty: pick a new folder, or --resume {run.path}")
@@ -342,7 +357,7 @@ def prepare_resume(cfg: TrainConfig, given: set[str] | None) -> Setup:
     saved = run.config()
     cfg = merge_resume(cfg, saved, run.path, given)
     validate(cfg)
-    store = open_store(cfg.cache)
+    store = open_store(cfg.cache, cfg.layer)
     check_store_matches(store, saved.get("store", {}), run.path)
     checkpoint, notes = newest_intact(run)
     if notes:
@@ -454,8 +469,12 @@ def start_run_folder(setup: Setup) -> None:
 
 def run_train(cfg: TrainConfig, given: set[str] | None = None,
               collector_factory: CollectorFactory = make_collector) -> Path:
-    """Train (or resume) a transcoder; returns the run folder. `given`: the options the user typed
-    (see merge_resume); `collector_factory` makes the feature-sample collector (sampling on)."""
+    """Train (or resume) a transcoder, or a set of them (--layers); returns the run (or set) folder.
+    `given`: the options the user typed (see merge_resume); `collector_factory` makes the
+    feature-sample collector (sampling on)."""
+    cfg = checked(cfg)
+    if cfg.layers is not None or (cfg.resume is not None and is_set(cfg.resume)):
+        return run_set(cfg, given, collector_factory)
     setup = prepare(cfg, given)
     cfg, run = setup.cfg, setup.run
     if cfg.resume is not None and run.finished:
@@ -467,7 +486,23 @@ def run_train(cfg: TrainConfig, given: set[str] | None = None,
         return train_locked(setup, device, collector_factory)
 
 
-def train_locked(setup: Setup, device: torch.device, collector_factory: CollectorFactory) -> Path:
+@dataclass
+class Live:
+    """One transcoder in training: what its steps change (a run trains one, a set one per layer)."""
+    setup: Setup
+    model: Transcoder
+    optimizer: torch.optim.Optimizer
+    metrics: Metrics
+    collector: Collector | None
+    wandb: WandbLogger | None
+    step: int
+    total: int
+    position: int               # loader rows handed out before `step`
+    last_saved: float = 0.0     # time.monotonic() of the last checkpoint
+
+
+def start_live(setup: Setup, device: torch.device, collector_factory: CollectorFactory) -> Live:
+    """Space checked, the folder begun, the model built from the seed, its checkpoint restored."""
     cfg, run, store = setup.cfg, setup.run, setup.store
     total = int(setup.config["total_steps"])
     for note in setup.notes:
@@ -491,62 +526,84 @@ def train_locked(setup: Setup, device: torch.device, collector_factory: Collecto
     if setup.checkpoint is not None:
         step, position = restore(setup.checkpoint, model, optimizer, metrics, collector)
     truncate_metrics(metrics.path, step)
-
     wandb = WandbLogger(cfg.wandb_project, run.path.name, run.path, run.wandb_id_file, cfg) if cfg.wandb_project else None
-    loader = ChunkLoader(store, cfg.batch_size, seed=cfg.seed, position=position, norm=norm_constants(store.stats()),
-                         device=device, include_bos=cfg.include_bos,
+    return Live(setup, model, optimizer, metrics, collector, wandb, step, total, position, time.monotonic())
+
+
+def end_live(live: Live) -> None:
+    """The final transcoder, plots, samples and summary.json of a transcoder whose steps are done."""
+    run = live.setup.run
+    finish(run, live.model, live.setup.store, live.collector, live.metrics)
+    if live.wandb:
+        live.wandb.finish()
+
+
+def train_locked(setup: Setup, device: torch.device, collector_factory: CollectorFactory) -> Path:
+    cfg, run, store = setup.cfg, setup.run, setup.store
+    live = start_live(setup, device, collector_factory)
+    loader = ChunkLoader(store, cfg.batch_size, seed=cfg.seed, position=live.position,
+                         norm=norm_constants(store.stats()), device=device, include_bos=cfg.include_bos,
                          include_outliers=cfg.include_outliers)
     try:
-        train_loop(setup, model, optimizer, metrics, collector, loader, wandb, step, total)
+        train_loop(live, loader)
     finally:
         loader.close()
-    finish(run, model, store, collector, metrics)
-    if wandb:
-        wandb.finish()
+    end_live(live)
     print(f"done: the transcoder is {run.transcoder_file}; next: `tc samples collect --run {run.path}`, then "
           f"`tc samples export --run {run.path}` (feature browser) and `tc eval --run {run.path}`", flush=True)
     return run.path
 
 
-def train_loop(setup: Setup, model: Transcoder, optimizer: torch.optim.Optimizer, metrics: Metrics,
-               collector: Collector | None, loader: ChunkLoader, wandb: WandbLogger | None, step: int,
-               total: int) -> None:
-    """Steps `step`..`total`: log every log_every steps, checkpoint every checkpoint_every and at the end."""
-    cfg = setup.cfg
+def train_loop(live: Live, loader: ChunkLoader) -> None:
+    """Steps `live.step`..`live.total`: log every log_every steps, checkpoint every checkpoint_every and at the end."""
     kill_at = int(os.environ.get(KILL_ENV, "-1"))
-    last_saved = time.monotonic()
-    bar = tqdm(total=total, initial=step, unit="step", desc="train", dynamic_ncols=True)
+    bar = tqdm(total=live.total, initial=live.step, unit="step", desc="train", dynamic_ncols=True)
     try:
-        model.train()
-        while step < total:
-            lr = lr_at(step, total, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        live.model.train()
+        while live.step < live.total:
             batch = next(loader)
-            out = train_step(model, optimizer, batch.x, batch.y, lr)
-            step += 1
-            metrics.add(out, cfg.batch_size)
-            if collector is not None and step % cfg.sample_every == 0:
-                collector.observe(step, out, batch.rows)
-            if step % cfg.log_every == 0 or step == total:
-                row = metrics.flush(step, cfg.batch_size, lr, model)
-                if not math.isfinite(row["loss"]):
-                    raise diverged(setup.run, step, f"the loss is {row['loss']}")
-                bar.set_postfix({"loss": f"{row['loss']:.4g}", "fvu": f"{row['fvu']:.3f}", "l0": f"{row['l0']:.1f}",
-                                 f"dead/{short_count(cfg.dead_tokens)}": row["dead_features"]})
-                if wandb:
-                    wandb.log(row)
-            due = cfg.checkpoint_minutes and time.monotonic() - last_saved >= 60 * cfg.checkpoint_minutes
-            if step % cfg.checkpoint_every == 0 or step == total or due:
-                if not model.is_finite():   # a NaN/inf weight is never saved, so a resume never loads one
-                    raise diverged(setup.run, step, "a weight is NaN or inf")
-                state = checkpoint_state(step, total, loader, optimizer, model, metrics, collector)
-                write_checkpoint(setup.run, step, model, state, setup.config, cfg.keep_checkpoints)
-                fault_point("checkpoint_written")
-                last_saved = time.monotonic()
+            row = advance(live, batch, loader.position)
+            if row is not None:
+                bar.set_postfix(postfix(row, live.setup.cfg))
             bar.update(1)
-            if step == kill_at:
+            if live.step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
     finally:
         bar.close()
+
+
+def postfix(row: dict[str, Any], cfg: TrainConfig) -> dict[str, str]:
+    return {"loss": f"{row['loss']:.4g}", "fvu": f"{row['fvu']:.3f}", "l0": f"{row['l0']:.1f}",
+            f"dead/{short_count(cfg.dead_tokens)}": row["dead_features"]}
+
+
+def advance(live: Live, batch: Any, position: int) -> dict[str, Any] | None:
+    """One optimiser step of `live` on `batch` (`position`: the loader's rows handed out after it);
+    logs and checkpoints when due. Returns the logged metrics row, if this step logged."""
+    cfg, setup = live.setup.cfg, live.setup
+    lr = lr_at(live.step, live.total, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+    out = train_step(live.model, live.optimizer, batch.x, batch.y, lr)
+    live.step += 1
+    step, model = live.step, live.model
+    live.metrics.add(out, cfg.batch_size)
+    if live.collector is not None and step % cfg.sample_every == 0:
+        live.collector.observe(step, out, batch.rows)
+    row = None
+    if step % cfg.log_every == 0 or step == live.total:
+        row = live.metrics.flush(step, cfg.batch_size, lr, model)
+        if not math.isfinite(row["loss"]):
+            raise diverged(setup.run, step, f"the loss is {row['loss']}")
+        if live.wandb:
+            live.wandb.log(row)
+    due = cfg.checkpoint_minutes and time.monotonic() - live.last_saved >= 60 * cfg.checkpoint_minutes
+    if step % cfg.checkpoint_every == 0 or step == live.total or due:
+        if not model.is_finite():   # a NaN/inf weight is never saved, so a resume never loads one
+            raise diverged(setup.run, step, "a weight is NaN or inf")
+        state = checkpoint_state(step, live.total, position, live.optimizer, model, live.metrics, live.collector)
+        write_checkpoint(setup.run, step, model, state, setup.config, cfg.keep_checkpoints)
+        fault_point("checkpoint_written")
+        live.last_saved = time.monotonic()
+    return row
 
 
 def diverged(run: Run, step: int | None, what: str) -> UserError:
@@ -558,10 +615,10 @@ def diverged(run: Run, step: int | None, what: str) -> UserError:
                      f"store with `tc info --verify STORE`")
 
 
-def checkpoint_state(step: int, total: int, loader: ChunkLoader, optimizer: torch.optim.Optimizer,
+def checkpoint_state(step: int, total: int, position: int, optimizer: torch.optim.Optimizer,
                      model: Transcoder, metrics: Metrics, collector: Collector | None) -> dict[str, Any]:
     """Everything besides the weights that an exact resume needs (state.pt)."""
-    return {"step": step, "loader_position": loader.position, "optimizer": optimizer.state_dict(),
+    return {"step": step, "loader_position": position, "optimizer": optimizer.state_dict(),
             "tokens_since_fired": model.tokens_since_fired.cpu(),
             "sparsity": {k: v.cpu() for k, v in model.sparsity.state_dict().items()},
             "metrics": metrics.state_dict(), "rng": rng_state(),
@@ -603,3 +660,140 @@ def finish(run: Run, model: Transcoder, store: Store, collector: Collector | Non
         **model.sparsity.summary(),
         "transcoder": TRANSCODER, "transcoder_checksum": file_checksum(run.transcoder_file),
         "versions": versions()})
+
+
+# ----------------------------------------------------------------------------- a set: one transcoder per layer
+
+@dataclass
+class SetSetup:
+    cfg: TrainConfig            # the set's (layers given, layer None)
+    runset: RunSet
+    store: Store                # the multi-layer store (no layer chosen)
+    layers: list[int]
+    members: list[Setup]        # one per layer, as `tc train --layer L --out SET/layer_L` would prepare it
+    manifest: dict[str, Any]
+
+
+def set_layers(cfg: TrainConfig, store: Store) -> list[int]:
+    """--layers resolved against the store: `all` is every layer it holds."""
+    if cfg.layers.strip() == "all":
+        return list(store.layers)
+    layers = parse_layers(cfg.layers)
+    missing = [L for L in layers if L not in store.layers]
+    if missing:
+        raise UserError(f"{store.path} holds layers {format_layers(store.layers)}, not {format_layers(missing)}: "
+                        "pick --layers among them (or all)")
+    return layers
+
+
+def open_set_store(path: str | None) -> Store:
+    if not path or not Location(path).exists():
+        raise UserError(f"store {path} does not exist: make it with `tc cache --layers ... --out {path}`")
+    store = Store(path).require_complete()
+    if not store.multi_layer:
+        raise UserError(f"{path} is a one-layer store (layer {store.layer}): --layers needs a store made with "
+                        "`tc cache --layers`; train it without --layers")
+    return store
+
+
+def prepare_set(cfg: TrainConfig, given: set[str] | None) -> SetSetup:
+    """All checks before anything is written, for every member."""
+    if cfg.resume is not None:
+        runset = RunSet(cfg.resume)
+        if cfg.out and Path(cfg.out).resolve() != runset.path.resolve():
+            raise UserError(f"--out {cfg.out} and --resume {runset.path} name different folders: drop --out")
+        manifest = runset.manifest()
+        cfg = merge_resume(cfg, manifest["config"], runset.path, given)
+        validate(cfg)
+    else:
+        cfg = resolve(cfg)
+        validate(cfg)
+        manifest = None
+    store = open_set_store(cfg.cache)
+    layers = set_layers(cfg, store)
+    if cfg.resume is None:
+        first = store.layer_view(layers[0])
+        runset = RunSet(cfg.out or f"{auto_run_dir(cfg, first)}_set-L{format_layers(layers).replace(',', '_')}")
+        if runset.path.exists() and (not runset.path.is_dir() or any(p.name != RUN_LOCK for p in runset.path.iterdir())):
+            raise UserError(f"--out {runset.path} exists and is not empty: pick a new folder, or --resume {runset.path}")
+        cfg.out, cfg.cache = str(runset.path), resolved(cfg.cache)
+        manifest = {"kind": "tc transcoder set", "layers": layers, "config": to_jsonable(cfg),
+                    "store": cfg.cache, "runs": {str(L): runset.layer_run(L).path.name for L in layers},
+                    "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    elif layers != runset.layers():
+        raise UserError(f"{runset.path} is a set of layers {format_layers(runset.layers())}, its store now gives "
+                        f"{format_layers(layers)}: resume with the set's store")
+    free = (given or set()) & RESUME_FREE - {"resume", "out", "cache"}
+    members = [member_setup(cfg, runset, L, free) for L in layers]
+    return SetSetup(cfg, runset, store, layers, members, manifest)
+
+
+def member_setup(cfg: TrainConfig, runset: RunSet, layer: int, free: set[str]) -> Setup:
+    """Layer `layer`'s run, prepared exactly as `tc train --cache STORE --layer L --out SET/layer_L`
+    (or its --resume) would be, so the set's transcoder is that run's."""
+    run = runset.layer_run(layer)
+    mine = dataclasses.replace(cfg, layers=None, layer=layer, out=str(run.path), resume=None)
+    if run.exists:
+        return prepare_resume(dataclasses.replace(mine, resume=str(run.path)), free | {"resume", "out"})
+    return prepare(mine, None)
+
+
+def run_set(cfg: TrainConfig, given: set[str] | None, collector_factory: CollectorFactory) -> Path:
+    """Train (or resume) a set: every layer's transcoder from one pass over the store."""
+    import contextlib
+
+    sset = prepare_set(cfg, given)
+    todo = [m for m in sset.members if not m.run.finished]
+    if not todo:
+        print(f"set {sset.runset.path} has finished already: nothing to do")
+        return sset.runset.path
+    device = torch.device(pick_device(sset.cfg.device))
+    need = sum(disk_needed(m.cfg, m.store, int(m.config["total_steps"]), m.checkpoint is not None) for m in todo)
+    check_free_space(sset.runset.path, need, f"the set {sset.runset.path}", "free some space, or write the set "
+                     "elsewhere (--out), or keep fewer checkpoints (--keep-checkpoints)")
+    sset.runset.path.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(FolderLock(sset.runset.path, RUN_LOCK))
+        if not sset.runset.exists:   # first: from then on the folder is a set, resumable as one
+            write_json_atomic(sset.runset.manifest_file, sset.manifest)
+        if not sset.runset.config_toml.exists():
+            write_config_toml(sset.runset.config_toml, dataclasses.replace(sset.cfg, resume=None))
+        for m in todo:
+            m.run.path.mkdir(parents=True, exist_ok=True)
+            locks.enter_context(FolderLock(m.run.path, RUN_LOCK))
+        lives = [start_live(m, device, collector_factory) for m in todo]
+        resume_hint.set(lambda: f"continue with `tc train --resume {sset.runset.path}`")
+        print(f"training the set {sset.runset.path}: layers {format_layers([m.cfg.layer for m in todo])} from one "
+              f"pass over {sset.store.path}; if interrupted: tc train --resume {sset.runset.path}", flush=True)
+        c = sset.cfg
+        loader = SetLoader([m.store for m in todo], c.batch_size, positions=[lv.position for lv in lives],
+                           limits=[lv.total * c.batch_size for lv in lives], seed=c.seed,
+                           norms=[norm_constants(m.store.stats()) for m in todo], device=device,
+                           include_bos=c.include_bos, include_outliers=c.include_outliers)
+        try:
+            set_loop(lives, loader)
+        finally:
+            loader.close()
+        for live in lives:
+            end_live(live)
+    print(f"done: the set {sset.runset.path} holds layers {format_layers(sset.layers)} (a run folder each); "
+          f"next: `tc export circuit-tracer --run {sset.runset.path} --out DIR`", flush=True)
+    return sset.runset.path
+
+
+def set_loop(lives: list[Live], loader: SetLoader) -> None:
+    """Every member's steps, each batch of the one pass handed to its layer's transcoder."""
+    kill_at = int(os.environ.get(KILL_ENV, "-1"))
+    bar = tqdm(total=sum(lv.total for lv in lives), initial=sum(lv.step for lv in lives), unit="step",
+               desc=f"train {len(lives)} layers", dynamic_ncols=True)
+    try:
+        for live in lives:
+            live.model.train()
+        while any(lv.step < lv.total for lv in lives):
+            for i, batch in next(loader).items():
+                advance(lives[i], batch, loader.positions[i])
+                bar.update(1)
+            if min(lv.step for lv in lives) == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        bar.close()

@@ -71,6 +71,53 @@ def parse_int_list(text: str | list) -> list[int]:
         raise UserError(f"bad list {text!r}: write whole numbers separated by commas, e.g. 64,128,256") from None
 
 
+def parse_layers(spec: str | list | int, n_layers: int | None = None) -> list[int]:
+    """'0-17', '6,8', '0-3,9', 'all' (every layer: needs `n_layers`), an int or a list -> sorted
+    distinct layers. With `n_layers`, each is checked to be in range."""
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        spec = [spec]
+    text = ",".join(map(str, spec)) if isinstance(spec, list) else str(spec).strip()
+    if text == "all":
+        if n_layers is None:
+            raise UserError("--layers all needs the model's number of layers: give the layers, e.g. 0-17")
+        return list(range(n_layers))
+    layers: set[int] = set()
+    for part in (p.strip() for p in text.split(",")):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise UserError(f"bad layer list {text!r}: write layers and ranges, e.g. 0-17, 6,8 or all")
+        layers.update(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+    if n_layers is not None and max(layers) >= n_layers:
+        raise UserError(f"layer {max(layers)} is out of range: the model has layers 0..{n_layers - 1}")
+    return sorted(layers)
+
+
+def layer_spec(value: str | int | list | None) -> str | None:
+    """An option's layers as text ('all', '0-17', '6,8'): from the command line, or a TOML int or list;
+    the syntax is checked here, the range once the model or store is known."""
+    if value in (None, "", "none", "None"):
+        return None
+    text = ",".join(map(str, value)) if isinstance(value, list) else str(value).strip()
+    if text != "all":
+        parse_layers(text)
+    return text
+
+
+def format_layers(layers: list[int]) -> str:
+    """[0, 1, 2, 3, 6, 8] -> '0-3,6,8'."""
+    parts, run = [], []
+    for L in sorted(layers):
+        if run and L == run[-1] + 1:
+            run.append(L)
+            continue
+        if run:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 2 else ",".join(map(str, run)))
+        run = [L]
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 2 else ",".join(map(str, run)))
+    return ",".join(parts)
+
+
 def versions() -> dict[str, str]:
     """Versions of the software that made an artefact, recorded beside it."""
     out = {"tc": TC_VERSION, "python": platform.python_version()}

@@ -48,9 +48,9 @@ def test_list_options_parse_from_the_command_line():
 
 def test_bad_config_files_are_one_line(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text("layers = 3\n")
+    bad.write_text("layerz = 3\n")
     r = runner.invoke(cli.app, ["cache", "--config", str(bad)])
-    assert r.exit_code == 2 and "unknown keys ['layers']" in r.output
+    assert r.exit_code == 2 and "unknown keys ['layerz']" in r.output
     bad.write_text("layer = [\n")
     r = runner.invoke(cli.app, ["cache", "--config", str(bad)])
     assert r.exit_code == 2 and "not valid TOML" in r.output
