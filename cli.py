@@ -175,7 +175,8 @@ _register_all()
 
 
 @app.command("info")
-def info(path: Path = typer.Argument(..., help="A store (tc cache) or a run folder (tc train)."),
+def info(path: str = typer.Argument(..., help="A store (tc cache; a path or an s3://, gs:// URL) or a run folder "
+                                    "(tc train)."),
          verify: bool = typer.Option(False, "--verify", help="Also check every chunk (store) or checkpoint and "
                                      "transcoder (run) against its checksum; exit 2 naming what is damaged.")) -> None:
     """Describe a store or a run folder: what made it, its size, its state, its metrics at a glance."""

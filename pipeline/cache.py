@@ -8,7 +8,6 @@ multiples of `batch_size` sequences from the start), which makes a resumed store
 from __future__ import annotations
 
 import queue
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,10 +20,11 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import checked
-from pipeline.store import (LOCK_NAME, OUTLIER_FACTOR, Store, StoreWriter, WriterLock, chunk_rows_for,
-                            creation_interrupted, is_store, to_fp16)
-from pipeline.util import (UserError, check_free_space, fault_point, human_bytes, interrupts_deferred, opt,
-                           parse_count, pick_device, status, write_config_toml)
+from pipeline.storage import Location, is_remote, local_path
+from pipeline.store import (LOCK_NAME, OUTLIER_FACTOR, Store, StoreWriter, chunk_rows_for, creation_interrupted,
+                            is_store, to_fp16, writer_lock)
+from pipeline.util import (UserError, check_free_space, config_toml, fault_point, human_bytes, interrupts_deferred,
+                           opt, parse_count, pick_device, status)
 
 # Fields that define what the store holds: a re-run must agree on all of them to resume.
 IDENTITY_FIELDS = ("model", "dataset", "dataset_config", "split", "text_column", "layer", "tokens",
@@ -46,7 +46,8 @@ class CacheConfig:
                            "(leave that .txt file or JSONL line out; the count is printed).", "Text")
     tokens: int = opt(5_000_000, "Tokens to cache (5M, 200k, 5000000); rounded up to whole sequences.", "Text", parse=parse_count)
     seq_len: int = opt(1024, "Tokens per sequence, BOS included.", "Text")
-    out: str | None = opt(None, "Store path (default data/l{layer}.zarr).", "Output")
+    out: str | None = opt(None, "Store path (default data/l{layer}.zarr), or an object-store URL: s3://bucket/l8.zarr, "
+                          "gs://... (docs/object-storage.md).", "Output")
     chunk_rows: int | None = opt(None, "Rows per chunk (default: whole sequences, about 4096 rows).", "Output")
     compress: bool = opt(False, "Compress activations with zstd (about 1.08x smaller, reads 2-4x slower).", "Output")
     outlier_factor: float = opt(OUTLIER_FACTOR, "Flag rows whose source norm is above this many times their chunk's "
@@ -57,8 +58,10 @@ class CacheConfig:
     device: str = opt("auto", "auto, cpu or cuda.", "Compute")
     dtype: str = opt("auto", "Model compute dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.", "Compute")
 
-    def resolved_out(self) -> Path:
-        return Path(self.out or f"data/l{self.layer}.zarr")
+    def resolved_out(self) -> Path | str:
+        """A local Path, or an object-store URL as a string (a Path would fold its //)."""
+        out = self.out or f"data/l{self.layer}.zarr"
+        return out.rstrip("/") if is_remote(out) else local_path(out)
 
 
 def validate(cfg: CacheConfig) -> None:
@@ -85,9 +88,10 @@ def identity(cfg: CacheConfig) -> dict[str, Any]:
 def prepare_output(cfg: CacheConfig) -> str:
     """Decide what to do with the output path: 'create', 'resume' or 'done'. Refuses unsafe cases."""
     out = cfg.resolved_out()
-    if out.exists() and not out.is_dir():
+    where = Location(out)
+    if where.is_file():
         raise UserError(f"{out} exists and is a file: choose another --out")
-    if out.is_dir() and is_store(out):
+    if is_store(out):
         attrs = Store(out).attrs
         old = attrs.get("config", {})
         diff = [k for k in IDENTITY_FIELDS if old.get(k) != identity(cfg)[k]]
@@ -102,9 +106,9 @@ def prepare_output(cfg: CacheConfig) -> str:
             raise UserError(f"{out} holds a store made with a different configuration ({', '.join(diff)}): "
                             "pass --overwrite to replace it, or choose another --out")
         return "create"
-    if out.is_dir() and creation_interrupted(out):
+    if creation_interrupted(out):
         return "create"   # tc's own, stopped before it held any data
-    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
+    if any(name != LOCK_NAME for name in where.names()):
         raise UserError(f"{out} exists and is not a tc store: choose another --out (tc never deletes it)")
     return "create"
 
@@ -146,9 +150,10 @@ def check_disk(cfg: CacheConfig, out: Path, action: str, d_model: int) -> None:
         rows = max(0, store.n_chunks - len(store.committed_chunks())) * chunk_rows
     need = rows * bytes_per_row(d_model)
     print(f"caching {total:,} tokens ({total // cfg.seq_len:,} sequences of {cfg.seq_len:,}) into {out}: about "
-          f"{human_bytes(total * bytes_per_row(d_model))} on disk"
+          f"{human_bytes(total * bytes_per_row(d_model))} {'stored' if is_remote(out) else 'on disk'}"
           + (f", {human_bytes(need)} of it still to write" if action != "create" else ""), flush=True)
-    check_free_space(out, need, f"the store {out}", "free some space, choose another --out, or cache fewer --tokens")
+    if not is_remote(out):   # an object store has no free space to ask about
+        check_free_space(out, need, f"the store {out}", "free some space, choose another --out, or cache fewer --tokens")
 
 
 def check_text_source(cfg: CacheConfig, out: Path, attrs: dict) -> None:
@@ -162,7 +167,9 @@ def check_text_source(cfg: CacheConfig, out: Path, attrs: dict) -> None:
                         "or pass --overwrite to start the store again, or choose another --out")
 
 
-def check_writable(out: Path) -> None:
+def check_writable(out: Path | str) -> None:
+    if is_remote(out):
+        return Location(out).check_writable()
     parent = out if out.exists() else out.parent
     while not parent.exists():
         parent = parent.parent
@@ -302,7 +309,7 @@ def cache_job(cfg: CacheConfig, job: Any) -> dict[str, Any]:
         except UserError:
             if job.main and plan["action"] == "create" and not writer.n_chunks - len(writer.pending_chunks()):
                 writer.close()
-                shutil.rmtree(out)   # made by this run and still empty: leave nothing behind
+                Location(out).remove_all()   # made by this run and still empty: leave nothing behind
             raise
         if not job.main:   # every chunk is committed (on_all was the barrier): rank 0 finalises
             return {"store": str(out), "rank": job.rank, "chunks": len(owned)}
@@ -355,12 +362,10 @@ def open_writer(cfg: CacheConfig, out: Path, action: str, lm: Any, hooks: list[s
 
     if action in ("resume", "done"):   # done: complete, with damaged chunks to recompute
         return StoreWriter.reopen(out)
-    if out.exists():   # --overwrite of a store: take its lock first so a live writer is never clobbered
-        lock = WriterLock(out)
+    if Location(out).exists():   # --overwrite of a store: take its lock first so a live writer is never clobbered
+        lock = writer_lock(out)
         lock.acquire()
-        for p in out.iterdir():
-            if p.name != LOCK_NAME:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        Location(out).remove_all(keep=(LOCK_NAME,))
         lock.release()
     seq_len = cfg.seq_len
     n_rows = -(-cfg.tokens // seq_len) * seq_len
@@ -462,10 +467,10 @@ def finish(cfg: CacheConfig, writer: StoreWriter, n_rows: int, seconds: float, v
     planned = writer.n_rows_planned
     fault_point("before_finalize")
     out = cfg.resolved_out()
-    write_config_toml(out / "tc-cache.toml", cfg)   # before `complete`: a complete store always has it
+    Location(out).write_text("tc-cache.toml", config_toml(cfg, "tc-cache.toml"))   # before `complete`: a complete store always has it
     with interrupts_deferred():   # seconds of zarr work, in its threads: Ctrl-C waits for the end
         summary = writer.finalize(n_rows, vocab)
-    nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    nbytes = Location(out).size()
     result = {"store": str(out), "tokens": n_rows, "rows": n_rows, "bytes": nbytes,
               "bytes_per_token": nbytes / max(n_rows, 1), "seconds": round(seconds, 1),
               "overflow_rows": summary["overflow"]["rows"], "bos_rows": summary["n_bos_rows"],

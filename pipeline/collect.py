@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from pipeline.config import checked
 from pipeline.run import COLLECT_META, COLLECT_STATE, SAMPLES_FILE, Run, open_run
+from pipeline.storage import resolved
 from pipeline.store import Store, usable_mask
 from pipeline.topn import TopBuffer
 from pipeline.transcoder import Transcoder
@@ -144,7 +145,7 @@ def _scan_chunk(tc: Transcoder, store: Store, cfg: CollectConfig, st: ExactState
 
 def _identity(cfg: CollectConfig, run: Run, store: Store) -> dict[str, Any]:
     st = run.transcoder_file.stat()
-    return {**{k: getattr(cfg, k) for k in COLLECT_IDENTITY}, "store": str(Path(store.path).resolve()),
+    return {**{k: getattr(cfg, k) for k in COLLECT_IDENTITY}, "store": resolved(store.path),
             "transcoder": [st.st_size, st.st_mtime_ns]}
 
 

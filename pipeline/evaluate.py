@@ -22,6 +22,7 @@ from pipeline import lm_eval
 from pipeline.config import checked
 from pipeline.row_eval import row_metrics
 from pipeline.run import open_run
+from pipeline.storage import resolved
 from pipeline.store import Store
 from pipeline.transcoder import Transcoder
 from pipeline.util import (UserError, opt, parse_count, pick_device, replaced_atomically, versions, write_config_toml,
@@ -149,7 +150,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         lm = load_eval_model(spec, store, device, model_dtype(cfg.dtype, device))
         result["model"] = spec
     rows = row_metrics(transcoder, store, cfg.rows, device, cfg.dense_threshold, cfg.include_bos, progress=progress)
-    rows["rows_are_training_rows"] = Path(train_store.path).resolve() == Path(store.path).resolve()
+    rows["rows_are_training_rows"] = resolved(train_store.path) == resolved(store.path)
     result["rows"] = rows
     if lm is not None:
         result["lm"] = lm_section(cfg, train_store, store.hooks, lm, transcoder, progress)

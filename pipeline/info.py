@@ -7,6 +7,7 @@ from typing import Any
 
 from pipeline.metrics import read_metrics
 from pipeline.run import TRANSCODER, Run, is_run
+from pipeline.storage import Location, is_remote, local_path
 from pipeline.store import OUTLIER_FACTOR, Store, is_store
 from pipeline.util import UserError
 
@@ -16,7 +17,11 @@ def folder_bytes(path: Path) -> int:
 
 
 def describe(path: str | Path) -> str:
-    path = Path(path)
+    if is_remote(path):   # only a store lives on an object store; a run folder is local
+        if not is_store(path):
+            raise UserError(f"{path} is not a tc store: give a store (tc cache --out) or a local run folder")
+        return "\n".join(describe_store(path))
+    path = local_path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist: give a store (tc cache --out) or a run folder (tc train --out)")
     if is_store(path):
@@ -28,7 +33,7 @@ def describe(path: str | Path) -> str:
 
 def verify_report(path: str | Path) -> str:
     """One line saying all is intact; a UserError naming what is damaged and what to do otherwise."""
-    path = Path(path)
+    path = path if is_remote(path) else local_path(path)
     if is_store(path):
         s = Store(path)
         if not s.has_checksums:
@@ -73,10 +78,11 @@ def cache_command(config: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def describe_store(path: Path) -> list[str]:
+def describe_store(path: Path | str) -> list[str]:
     s = Store(path)
     a = s.attrs
-    lines = [f"store      {path}  (tc-store v{a['schema_version']}, {folder_bytes(path) / 1e6:,.1f} MB on disk)",
+    where = "stored" if is_remote(path) else "on disk"
+    lines = [f"store      {path}  (tc-store v{a['schema_version']}, {Location(path).size() / 1e6:,.1f} MB {where})",
              f"model      {a.get('model')} ({a.get('hf_name')}), layer {a.get('layer')}, d_model {s.d_model}",
              f"hooks      {a['hooks']['source']} -> {a['hooks']['target']}",
              f"text       {json.dumps(a.get('dataset'))}",

@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.storage import Location, resolved
 from pipeline.store import Store
 from pipeline.transcoder import Transcoder
 from pipeline.util import UserError, file_checksum
@@ -150,7 +151,7 @@ class Run:
         path = cache or self.trained_on()
         if not path:
             raise UserError(f"{self.config_file} records no store: pass --cache STORE")
-        if not Path(path).exists():
+        if not Location(path).exists():
             raise UserError(f"the store {path} of run {self.path} is not there (moved or deleted?): "
                             "pass --cache STORE")
         return str(path)
@@ -162,7 +163,7 @@ class Run:
     def training_store(self, fallback: Store) -> Store:
         """The store the run trained on; `fallback` when that one is gone or is the same."""
         path = self.trained_on()
-        if not path or not Path(path).exists() or Path(path).resolve() == Path(fallback.path).resolve():
+        if not path or not Location(path).exists() or resolved(path) == resolved(fallback.path):
             return fallback
         return Store(path).require_complete()
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import zarr
 
+from pipeline.storage import Location, ObjectLock
 from pipeline.util import FolderLock, UserError, fault_point, versions
 
 SCHEMA = "tc-store"
@@ -92,17 +93,19 @@ class Rows:
 
 
 def is_store(path: str | Path) -> bool:
-    return (Path(path) / "zarr.json").exists() and (Path(path) / "chunk_meta" / "zarr.json").exists()
+    """A local path or an object-store URL (storage.Location) that holds a tc store."""
+    where = Location(path)
+    return where.exists("zarr.json") and where.exists("chunk_meta/zarr.json")
 
 
 def creation_interrupted(path: str | Path) -> bool:
     """A tc store stopped while its empty arrays were being made: it holds no data and may be
     made again. (`chunk_meta`, the last array made, is what `is_store` looks for.)"""
-    path = Path(path)
-    if is_store(path) or not (path / "zarr.json").exists():
+    where = Location(path)
+    if is_store(path) or not where.exists("zarr.json"):
         return False
     try:
-        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+        attrs = json.loads(where.read_text("zarr.json")).get("attributes", {})
     except (OSError, ValueError):
         return False
     return attrs.get("schema") == SCHEMA
@@ -117,11 +120,17 @@ class WriterLock(FolderLock):
         super().__init__(Path(path), LOCK_NAME)
 
 
+def writer_lock(path: str | Path) -> WriterLock | ObjectLock:
+    """The store's writer lock: a lock file in a local folder, a lock object on an object store."""
+    where = Location(path)
+    return ObjectLock(where, LOCK_NAME) if where.remote else WriterLock(where.root)
+
+
 class StoreWriter:
     """Creates or reopens a store and writes whole chunks into it."""
 
-    def __init__(self, path: str | Path, group: zarr.Group, lock: WriterLock):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, group: zarr.Group, lock: WriterLock | ObjectLock):
+        self.path = Location(path)
         self.group = group
         self.lock = lock
         self.chunk_rows = int(group.attrs["chunk_rows"])
@@ -139,14 +148,15 @@ class StoreWriter:
                attrs: dict[str, Any], vocab: list[str] | None = None, compress: bool = False,
                outlier_factor: float = OUTLIER_FACTOR) -> "StoreWriter":
         """A new, empty store planned for `n_rows` rows. The caller has checked it may write here."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        lock = WriterLock(path)
+        where = Location(path)
+        if not where.remote:
+            where.root.mkdir(parents=True, exist_ok=True)
+        lock = writer_lock(path)
         lock.acquire()
         try:
             # all attributes in the group's first zarr.json, before any array: a store cut short
             # here is recognisable as tc's and empty (see creation_interrupted)
-            group = zarr.open_group(str(path), mode="w", attributes={   # clears the folder, the lock too
+            group = zarr.open_group(where.zarr_store(), mode="w", attributes={   # clears the folder, the lock too
                 **attrs, "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "versions": versions(),
                 "d_model": d_model, "chunk_rows": chunk_rows, "n_rows_planned": n_rows, "n_rows": 0,
                 "complete": False, "flags": {"bos": FLAG_BOS, "overflow": FLAG_OVERFLOW, "outlier": FLAG_OUTLIER},
@@ -183,15 +193,15 @@ class StoreWriter:
     @classmethod
     def reopen(cls, path: str | Path) -> "StoreWriter":
         """An existing, unfinished store, to continue writing its uncommitted chunks."""
-        lock = WriterLock(Path(path))
+        lock = writer_lock(path)
         lock.acquire()
-        return cls(path, zarr.open_group(str(path), mode="r+"), lock)
+        return cls(path, zarr.open_group(Location(path).zarr_store(), mode="r+"), lock)
 
     @classmethod
     def attach(cls, path: str | Path) -> "StoreWriter":
         """A store whose lock another process of the same job holds (rank 0 under torchrun), to write
         the chunks this process owns; its own lock is never taken, so closing it releases nothing."""
-        return cls(path, zarr.open_group(str(path), mode="r+"), WriterLock(Path(path)))
+        return cls(path, zarr.open_group(Location(path).zarr_store(), mode="r+"), writer_lock(path))
 
     def pending_chunks(self) -> list[int]:
         committed = self.group["chunk_meta"][:, 0]
@@ -393,7 +403,7 @@ def _one_line(e: BaseException) -> str:
 
 def open_group_checked(path: str) -> zarr.Group:
     try:
-        return zarr.open_group(path, mode="r")
+        return zarr.open_group(Location(path).zarr_store(read_only=True), mode="r")
     except Exception as e:   # a truncated or garbled zarr.json
         raise UserError(f"{path} is damaged: its zarr.json cannot be read ({_one_line(e)}): re-create the "
                         "store (`tc cache ... --overwrite`)") from None
@@ -429,6 +439,7 @@ class Store:
 
     def __init__(self, path: str | Path):
         self.path = str(path)
+        self._arrays: dict[str, zarr.Array] = {}
         if not is_store(path):
             raise UserError(f"{path} is not a tc activation store: make one with `tc cache --out {path}`")
         self.group = open_group_checked(self.path)
@@ -500,11 +511,17 @@ class Store:
     def _read(self, name: str, start: int, stop: int, c: int | None = None) -> np.ndarray:
         """Rows start..stop of an array; a chunk that cannot be decoded is damage, not a traceback."""
         try:
-            return self.group[name][start:stop]
+            return self._opened(name)[start:stop]
         except Exception as e:
             if isinstance(e, UserError):
                 raise
             raise self.damage(name, c if c is not None else start // self.chunk_rows) from None
+
+    def _opened(self, name: str) -> zarr.Array:
+        # opened once: each opening reads the array's zarr.json, a round trip on an object store
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
 
     def _checked(self, name: str, c: int, values: np.ndarray) -> np.ndarray:
         crc = self.crc

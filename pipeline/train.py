@@ -34,6 +34,7 @@ from pipeline.config import checked
 from pipeline.loader import ChunkLoader
 from pipeline.metrics import Metrics, WandbLogger, read_metrics, truncate_metrics, write_plots
 from pipeline.run import RUN_LOCK, TRANSCODER, Run
+from pipeline.storage import Location, is_remote, resolved
 from pipeline.store import Store
 from pipeline.transcoder import ENCODER_INIT_SCALE, Transcoder, TranscoderOutput, norm_constants
 from pipeline.util import (FolderLock, UserError, check_free_space, fault_point, file_checksum, opt, parse_count,
@@ -68,7 +69,7 @@ def _opt_list(text: str | list | None) -> list[int] | None:
 @dataclass
 class TrainConfig:
     # Data
-    cache: str | None = opt(None, "Activation store written by `tc cache` (required unless --resume).", "Data")
+    cache: str | None = opt(None, "Activation store written by `tc cache`: a path or an s3:// or gs:// URL (required unless --resume).", "Data")
     batch_size: int = opt(1024, "Rows (tokens) per optimiser step.", "Data")
     steps: int | None = opt(None, "Optimiser steps (default: one pass over the store's usable rows).", "Data",
                             parse=_count_option("--steps"))
@@ -212,10 +213,19 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("no store given: pass --cache STORE (made by `tc cache`), or --resume RUN")
 
 
+def check_local_run_folder(cfg: TrainConfig) -> None:
+    """Checkpoints are replaced by rename and the run is locked by a lock file: a run folder is local."""
+    for name in ("out", "resume"):
+        value = getattr(cfg, name)
+        if value and is_remote(value):
+            raise UserError(f"--{name} {value}: a run folder is a local path (only the store, --cache, may be on "
+                            "an object store): pick a local folder")
+
+
 def store_identity(store: Store) -> dict[str, Any]:
     a = store.attrs
     stats = a.get("stats", {})
-    return {"path": str(Path(store.path).resolve()), "model": a.get("model"), "layer": a.get("layer"),
+    return {"path": resolved(store.path), "model": a.get("model"), "layer": a.get("layer"),
             "hooks": a.get("hooks"), "d_model": store.d_model, "seq_len": store.seq_len, "n_rows": store.n_rows,
             "chunk_rows": store.chunk_rows, "stat_rows": stats.get("source", {}).get("count"),
             # fingerprints of the content: two stores of the same shape differ here
@@ -224,7 +234,7 @@ def store_identity(store: Store) -> dict[str, Any]:
 
 
 def open_store(path: str) -> Store:
-    if not Path(path).exists():
+    if not Location(path).exists():
         raise UserError(f"store {path} does not exist: make it with `tc cache --out {path}`")
     return Store(path).require_complete()
 
@@ -303,6 +313,7 @@ class Setup:
 def prepare(cfg: TrainConfig, given: set[str] | None = None) -> Setup:
     """All checks before anything is written; returns the resolved plan."""
     cfg = checked(cfg)
+    check_local_run_folder(cfg)
     if cfg.resume is not None:
         return prepare_resume(cfg, given)
     cfg = resolve(cfg)
@@ -312,7 +323,7 @@ def prepare(cfg: TrainConfig, given: set[str] | None = None) -> Setup:
     if run.path.exists() and (not run.path.is_dir() or any(p.name != RUN_LOCK for p in run.path.iterdir())):
         raise UserError(f"--out {run.path} exists and is not empty: pick a new folder, or --resume {run.path}")
     cfg.out = str(run.path)
-    cfg.cache = str(Path(cfg.cache).resolve())
+    cfg.cache = resolved(cfg.cache)
     check_batch_fits(cfg, store)
     note_dictionary_size(cfg, store)
     total = total_steps(cfg, store)
@@ -400,7 +411,7 @@ def total_steps(cfg: TrainConfig, store: Store) -> int:
 def build_model(cfg: TrainConfig, store: Store, device: torch.device) -> Transcoder:
     d = store.d_model
     meta = {"model": store.attrs.get("model"), "layer": store.attrs.get("layer"), "hooks": store.hooks,
-            "store": str(Path(store.path).resolve())}
+            "store": resolved(store.path)}
     model = Transcoder(d, d, cfg.groups, cfg.k, aux_k=cfg.aux_k, aux_coef=cfg.aux_coef,
                        dead_tokens=cfg.dead_tokens, meta=meta, seed=cfg.seed, skip=cfg.skip,
                        encoder_init=cfg.encoder_init)

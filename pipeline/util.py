@@ -157,6 +157,20 @@ def pick_device(name: str) -> str:
     return name
 
 
+def process_alive(host: str, pid: int | str) -> bool:
+    """Whether a lock's holder may still be running: checked for this host's processes; another
+    machine's cannot be checked from here, so it counts as alive."""
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, OverflowError):   # gone, or not a pid at all
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class FolderLock:
     """One tc process writing a folder (a store, a run): a lock file in it holding host and pid,
     made with O_EXCL; a lock left by a dead process on this host is taken over."""
@@ -189,15 +203,7 @@ class FolderLock:
             host, pid = self.file.read_text().split()
         except (OSError, ValueError):
             return False
-        if host != socket.gethostname():
-            return True   # another machine's writer: we cannot tell, so assume alive
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return process_alive(host, pid)
 
     def release(self) -> None:
         if self.held:
@@ -326,12 +332,17 @@ def toml_value(value: Any) -> str:
 
 
 def write_config_toml(path: str | Path, cfg: Any) -> Path:
-    """The resolved config as TOML with option names as keys, so `--config` repeats the command.
-    None values are left out (None is each option's 'not given')."""
-    lines = [f"# written by tc {TC_VERSION}; repeat with: tc <command> --config {Path(path).name}"]
+    """The resolved config as TOML with option names as keys, so `--config` repeats the command."""
+    write_file_atomic(path, config_toml(cfg, Path(path).name))
+    return Path(path)
+
+
+def config_toml(cfg: Any, name: str) -> str:
+    """write_config_toml's text, for a file called `name`. None values are left out (None is each
+    option's 'not given')."""
+    lines = [f"# written by tc {TC_VERSION}; repeat with: tc <command> --config {name}"]
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if value is not None:
             lines.append(f"{f.name.replace('_', '-')} = {toml_value(value)}")
-    write_file_atomic(path, "\n".join(lines) + "\n")
-    return Path(path)
+    return "\n".join(lines) + "\n"

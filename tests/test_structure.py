@@ -8,7 +8,7 @@ PIPELINE = Path(__file__).resolve().parent.parent / "pipeline"
 
 # Modules that every stage builds on. They never import a stage (a command's module): the data
 # flows from them to the stages, never back.
-FOUNDATIONS = {"util", "config", "store", "sparsity", "transcoder", "topn", "contexts", "run"}
+FOUNDATIONS = {"util", "config", "storage", "store", "sparsity", "transcoder", "topn", "contexts", "run"}
 STAGES = {"cache", "train", "collect", "export", "evaluate", "demo", "info"}
 
 

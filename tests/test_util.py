@@ -41,3 +41,16 @@ def test_a_killed_write_leaves_one_temporary_that_the_next_write_reuses(tmp_path
         assert str(os.getpid()) in tmp.name
         tmp.write_bytes(b"mine")
     assert path.read_bytes() == b"mine"
+
+
+def test_a_file_url_is_a_local_folder_and_other_urls_are_kept_as_given(tmp_path):
+    from conftest import write_synthetic_store
+    from pipeline.info import describe
+    from pipeline.storage import Location, is_remote, resolved
+
+    store = write_synthetic_store(tmp_path / "s.zarr", n_rows=512, chunk_rows=256)
+    url = f"file://{store}"
+    assert not is_remote(url) and Location(url).root == store and not Location(url).remote
+    assert resolved(url) == str(store.resolve()) and resolved("s3://bucket/l8.zarr/") == "s3://bucket/l8.zarr"
+    assert describe(url).splitlines()[0].startswith(f"store      {store}")
+    assert sorted(Location(url).names()) == sorted(p.name for p in store.iterdir())
