@@ -13,6 +13,10 @@ OLD_SRC`), it instead runs the whole `tc eval` command as a subprocess, alternat
 and this checkout, each on its own copy of the run folder (eval writes eval.json into it), and
 reports each one's seconds, user CPU seconds and when its output first appeared and each phase
 began (the first line of each status or bar).
+
+With --rows, it instead times the store-row metrics phase (row_metrics over the run's store),
+alternating the older per-batch squared error (float64 copies of the (G, B, d) predictions,
+kept here as the reference) and the current one, and reports the largest FVU difference.
 """
 from __future__ import annotations
 
@@ -107,6 +111,45 @@ def whole(args) -> None:
             json.dump({"runs": runs, "ratios": ratios}, f, indent=1)
 
 
+def add_rows_float64(tot, transcoder, x, y) -> None:
+    """row_eval.add_rows as it was before: the squared error summed from float64 copies."""
+    B = x.shape[0]
+    preds, rows, cols = transcoder.predict_prefixes(x)
+    tot.n += B
+    yd = y.double()
+    tot.y_sum += yd.sum(0).cpu().numpy()
+    tot.y_sq += (yd * yd).sum(0).cpu().numpy()
+    tot.err_sq += (preds - y).double().pow(2).sum(dim=(1, 2)).cpu().numpy()
+    tot.fired += torch.bincount(cols, minlength=transcoder.d_latent).cpu().numpy()
+    l0 = torch.bincount(rows, minlength=B)
+    tot.l0_hist += torch.bincount(l0, minlength=transcoder.d_latent + 1).cpu().numpy()[: transcoder.d_latent + 1]
+    tot.group_active += torch.bincount(transcoder.group_of(cols), minlength=len(transcoder.groups)).double().cpu().numpy()
+
+
+def rows_phase(args) -> None:
+    from pipeline import row_eval
+
+    run = open_run(args.run)
+    transcoder, store = run.transcoder("cpu"), run.store(None)
+    current = row_eval.add_rows
+    runs: dict[str, list[dict]] = {"float64": [], "now": []}
+    for i in range(args.repeats):
+        for name, fn in (("float64", add_rows_float64), ("now", current)):
+            row_eval.add_rows = fn
+            out, wall, cpu = timed(lambda: row_eval.row_metrics(transcoder, store, 200_000, "cpu", 0.1, progress=False))
+            runs[name].append({"wall_s": wall, "cpu_s": cpu, "fvu_per_prefix": out["fvu_per_prefix"], "l0": out["l0"]})
+            print(f"repeat {i + 1} {name:<8} wall {wall:6.1f} s  cpu {cpu:6.1f} s  {out['n_rows']:,} rows  fvu "
+                  + " ".join(f"{v:.9f}" for v in out["fvu_per_prefix"]), flush=True)
+    row_eval.add_rows = current
+    cpu = statistics.median(a["cpu_s"] / b["cpu_s"] for a, b in zip(runs["float64"], runs["now"]))
+    rel = max(abs(a - b) / b for r, q in zip(runs["float64"], runs["now"])
+              for a, b in zip(r["fvu_per_prefix"], q["fvu_per_prefix"]))
+    print(f"float64 / now: cpu {cpu:.2f}x; largest relative FVU difference {rel:.1e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"runs": runs, "ratio_cpu_median": cpu, "max_rel_fvu_difference": rel}, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", default="data/demo/run")
@@ -115,11 +158,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--whole", default=None, metavar="OLD_SRC", help="time the whole `tc eval` against the code in OLD_SRC")
+    ap.add_argument("--rows", action="store_true", help="time the store-row metrics phase instead")
     args = ap.parse_args()
     if args.whole:
         return whole(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.rows:
+        return rows_phase(args)
     from pipeline.models import load_model
 
     run = open_run(args.run)

@@ -27,7 +27,8 @@ for name in ${@:-$all}; do
     dead_latents) held_out && python bench/dead_latents.py --train-store $demo_store --held-out-store $licences ;;
     transcoders) held_out && python bench/peers/transcoders.py --train-store $demo_store --heldout-store $licences \
                    --steps 300 --json $out/transcoders.json ;;
-    eval)       python bench/bench_eval.py --run data/demo/run --repeats 2 --threads 1 --json $out/eval.json ;;
+    eval)       python bench/bench_eval.py --run data/demo/run --repeats 2 --threads 1 --json $out/eval.json
+                python bench/bench_eval.py --run data/demo/run --rows --repeats 2 --threads 1 --json $out/eval_rows.json ;;
     interop)    python bench/interop/compare.py --run data/demo/run --rows 4096 --json $out/interop.json \
                   && python bench/interop/make_set.py --model tiny --work $out/interop-tiny \
                   && "$(python bench/interop/venvs.py circuit-tracer | cut -d' ' -f2)" bench/interop/attribution_graph.py \

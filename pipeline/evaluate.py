@@ -157,8 +157,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     result.update({"seconds": round(time.perf_counter() - t0, 1), "config": asdict(cfg), "versions": versions()})
     write_json_atomic(run.eval_file, result)
     write_config_toml(run.eval_toml, cfg)
+    print(format_table(result), flush=True)   # before the plot: importing matplotlib takes seconds
     plot_fvu(rows, run.eval_plot, title=f"{run.path.name}: FVU per Matryoshka prefix on {rows['n_rows']:,} store rows")
-    print(format_table(result))
     print(f"wrote {run.eval_file} and {run.eval_plot}")
     return result
 

@@ -287,9 +287,10 @@ def chunk_losses(logits: torch.Tensor, targets: torch.Tensor,
 
 
 def stacked_losses(model: Any, final: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   advance: Callable[[float], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CE (P, N) and KL (P-1, N) at the N scored positions from final (P, B, T, d), the residual
-    entering the unembedding per pass; logits are made SCORE_ELEMENTS at a time, only where scored."""
+    entering the unembedding per pass; logits are made SCORE_ELEMENTS at a time, only where scored.
+    advance(f), when given, is called after each chunk with the fraction f of the N it scored."""
     b_idx, t_idx = mask.nonzero(as_tuple=True)
     targets = tokens[b_idx, t_idx + 1]
     h = final[:, b_idx, t_idx]                                                      # (P, N, d)
@@ -308,6 +309,8 @@ def stacked_losses(model: Any, final: torch.Tensor, tokens: torch.Tensor, mask: 
             c, k = chunk_losses(sub, targets[a + b:a + b + sub.shape[1]], work[:, :sub.shape[1]])
             ce.append(c)
             kl.append(k)
+        if advance is not None:
+            advance(part.shape[1] / len(targets))
     if not ce:
         return final.new_zeros(len(final), 0), final.new_zeros(len(final) - 1, 0)
     return torch.cat(ce, dim=1), torch.cat(kl, dim=1)
@@ -316,11 +319,13 @@ def stacked_losses(model: Any, final: torch.Tensor, tokens: torch.Tensor, mask: 
 @torch.no_grad()
 def score_batch_shared(model: Any, tokens: torch.Tensor, layer: int, source_hook: str, target_hook: str,
                        replacements: dict[str, Replacement], bos_id: int, include_bos: bool,
-                       totals: dict[str, LossTotals]) -> None:
+                       totals: dict[str, LossTotals], advance: Callable[[float], None] | None = None) -> None:
     """score_batch's numbers, with the blocks before `layer` run once for every pass.
 
     Those blocks see only the tokens, so their output is the same in every pass; from block
     `layer` on the passes are stacked into one batch of (1 + len(replacements)) * B rows.
+    advance(n), when given, is called as the scoring goes with the batch's tokens it covered
+    (a batch of the demo takes tens of seconds: the bar moves within it).
     """
     names = list(replacements)
     B, T = tokens.shape
@@ -337,7 +342,8 @@ def score_batch_shared(model: Any, tokens: torch.Tensor, layer: int, source_hook
             pass
     if "h" not in final:
         raise RuntimeError("the forward ended without reaching unembed.hook_in")
-    ce, kl = stacked_losses(model, final["h"].view(1 + len(names), B, T, -1), tokens, mask)
+    step = None if advance is None else (lambda f: advance(f * tokens.numel()))
+    ce, kl = stacked_losses(model, final["h"].view(1 + len(names), B, T, -1), tokens, mask, step)
     totals.setdefault("clean", LossTotals()).add(ce[0], torch.zeros_like(ce[0]), ce[0])
     for p, name in enumerate(names):
         totals.setdefault(name, LossTotals()).add(ce[p + 1], kl[p], ce[0])
@@ -358,12 +364,13 @@ def lm_losses(model: Any, sequences: np.ndarray, source_hook: str, target_hook: 
     bar = tqdm(total=sequences.size, unit="tok", unit_scale=True, desc="eval: LM loss", disable=not progress)
     for a in range(0, len(sequences), batch_size):
         batch = torch.from_numpy(sequences[a:a + batch_size]).long().to(device)
+        before = bar.n
         if method == "shared" and layer is not None:
             score_batch_shared(model, batch, layer, source_hook, target_hook, replacements, bos_id, include_bos,
-                               totals)
+                               totals, bar.update)
         else:
             score_batch(model, batch, source_hook, target_hook, replacements, bos_id, include_bos, totals)
-        bar.update(batch.numel())
+        bar.update(max(0.0, before + batch.numel() - bar.n))   # the rest of the batch (all of it when separate)
     bar.close()
     out = {name: t.summary() for name, t in totals.items()}
     out["clean"]["n_scored"] = totals["clean"].n

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from pipeline.transcoder import Transcoder
 from pipeline.util import UserError, status
@@ -64,10 +65,14 @@ def top_effects(directions: Tensor, scale: Tensor, w_u: Tensor, k: int) -> tuple
     and their token ids, largest first / most negative first: four (n, k) tensors."""
     k = min(k, w_u.shape[1])
     parts = []
+    # a bar: on the demo (4k features, Gemma's 262k vocabulary) this takes a minute on a CPU
+    bar = tqdm(total=len(directions), desc="export: logit effects", unit="feature")
     for a in range(0, len(directions), FEATURE_BATCH):
         logits = (directions[a:a + FEATURE_BATCH] * scale) @ w_u               # (b, vocab)
         pos, neg = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
         parts.append((pos.values, pos.indices, neg.values, neg.indices))
+        bar.update(len(logits))
+    bar.close()
     return tuple(torch.cat(p).cpu() for p in zip(*parts))                    # type: ignore[return-value]
 
 

@@ -193,6 +193,40 @@ def test_shared_path_is_the_default_and_leaves_the_model_as_it_was(tiny, monkeyp
     assert lm_eval.splice_layer("blocks.12.hook_resid_mid", "blocks.12.hook_mlp_out") == 12
 
 
+def test_the_lm_bar_moves_within_a_batch_and_ends_at_the_token_count(tiny, monkeypatch):
+    """A batch of the demo takes tens of seconds: the shared path advances the bar after every
+    scoring chunk, by the batch's tokens in proportion to the positions scored, and the bar ends
+    at exactly the token count. The separate path moves once per batch."""
+    updates: list[float] = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.n = 0.0
+
+        def update(self, k):
+            updates.append(k)
+            self.n += k
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(lm_eval, "tqdm", Bar)
+    monkeypatch.setattr(lm_eval, "SCORE_ELEMENTS", 3 * 7 * 512)   # 7 positions per chunk for 3 passes
+    seqs = tiny_sequences(n=5)
+    hooks = "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out"
+    reps = {"wobble": wobble, "zero": lm_eval.zero_replacement}
+    mask = lm_eval.score_mask(torch.from_numpy(seqs), BOS, False)
+    chunks = sum(-(-int(mask[a:a + 2].sum()) // 7) for a in range(0, 5, 2))   # batches of 2 sequences
+    assert chunks > 3
+    for method, calls in (("shared", chunks), ("separate", 3)):
+        updates.clear()
+        lm_eval.lm_losses(tiny.model, seqs, *hooks, reps, tiny.bos_id, False, batch_size=2, device="cpu",
+                          method=method)
+        moved = [u for u in updates if u > 1e-9]
+        assert len(moved) == calls, (method, updates)
+        assert sum(updates) == pytest.approx(seqs.size)
+
+
 def test_unembed_logits_equal_the_models_own_logits(tiny):
     """tiny is a Gemma-2 with a final logit softcap of 30: the shared path must apply it too."""
     tokens = torch.from_numpy(tiny_sequences()).long()

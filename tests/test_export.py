@@ -355,11 +355,16 @@ def test_html_browser_renders_the_samples(trained_run, tmp_path):
 
 # ----------------------------------------------------------------------------- logit effects, groups, overview
 
-def test_logit_effects_match_the_model(tiny_run, tiny_model_with_norm, tmp_path):
+def test_logit_effects_match_the_model(tiny_run, tiny_model_with_norm, tmp_path, capsys):
     """Stored top tokens = an independent computation with the model's own modules: the final norm's
     forward times the direction's RMS (which leaves direction * norm scale), then lm_head, over the
-    whole vocabulary, sorted."""
+    whole vocabulary, sorted. Each slow step says so on stderr as it starts (the model load, the
+    products over the vocabulary, the pages: a minute and more on the demo)."""
     index, records = export_json(tiny_run, tmp_path / "json", model="tiny")
+    err = capsys.readouterr().err
+    said = [err.find(s) for s in ("export: loading tiny for the logit effects", "export: logit effects:",
+                                  f"export: writing the pages of {len(records):,} features")]
+    assert -1 not in said and said == sorted(said), err[-500:]
     assert index["logit_effects"]["available"] and index["logit_effects"]["tokens"] == 10
     hf = tiny_model_with_norm
     tc = Transcoder.load(tiny_run / "transcoder.safetensors")
