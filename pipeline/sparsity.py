@@ -25,6 +25,17 @@ THRESHOLD_DECAY = 0.99   # EMA decay of the inference threshold (after a warm st
 CANDIDATE_STRIDE = 61    # subsample stride used to find a cheap lower bound for the BatchTopK cutoff
 
 
+def true_positions(mask: Tensor) -> Tensor:
+    """Ascending positions of the True entries of a 1-D bool mask that is mostly False, as
+    mask.nonzero() gives them, about 3x faster on CPU: nonzero over the mask read as 8-byte words
+    finds the few words holding a True, and only those words' bytes are searched."""
+    if mask.numel() % 8 or mask.device.type != "cpu":
+        return mask.nonzero().squeeze(1)
+    words = mask.view(torch.int64).nonzero().squeeze(1)                  # words with a True byte
+    within = mask.view(-1, 8)[words].nonzero()                           # (n, 2): word, byte
+    return words[within[:, 0]] * 8 + within[:, 1]
+
+
 def batch_topk_indices(flat: Tensor, n_keep: int) -> Tensor:
     """Ascending indices of the n_keep largest POSITIVE values of `flat` (ties at the cutoff all
     kept). A strided subsample gives a cheap lower bound c, so the exact top-n_keep is found among
@@ -35,7 +46,7 @@ def batch_topk_indices(flat: Tensor, n_keep: int) -> Tensor:
     sample = flat[::CANDIDATE_STRIDE]
     q = min(sample.numel(), int(1.5 * n_keep / CANDIDATE_STRIDE) + 64)
     c = sample.topk(q, sorted=False).values.min().clamp(min=tiny)
-    cand = (flat >= c).nonzero().squeeze(1)                    # one pass over B * L
+    cand = true_positions(flat >= c)                           # one pass over B * L
     if len(cand) < n_keep:
         if float(c) <= tiny:                                   # fewer positives than n_keep: keep all
             return cand

@@ -13,8 +13,9 @@ import torch
 from conftest import rewrite_as_tc_0_1_transcoder
 from pipeline.store import Store
 from pipeline.train import lr_at
-from pipeline.sparsity import batch_topk_indices
-from pipeline.transcoder import Transcoder, norm_constants
+from pipeline import transcoder as transcoder_module
+from pipeline.sparsity import batch_topk_indices, true_positions
+from pipeline.transcoder import PrefixMSE, Transcoder, norm_constants
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "transcoder.md"
 GROUPS = [16, 32, 64, 16]   # d_latent 128
@@ -81,8 +82,41 @@ def test_batch_topk_indices_is_exact():
     assert set(got.tolist()) == set(torch.topk(flat, 100).indices.tolist())
 
 
-def test_sparse_forward_and_gradients_equal_dense_reference():
-    sparse = make(dead_tokens=10)
+def test_true_positions_are_nonzero_of_the_mask():
+    g = torch.Generator().manual_seed(0)
+    for n, p in [(8000, 0.01), (8000, 0.5), (4096, 0.0), (64, 1.0), (8003, 0.02), (7, 0.5)]:
+        mask = torch.rand(n, generator=g) < p
+        assert torch.equal(true_positions(mask), mask.nonzero().squeeze(1)), (n, p)
+
+
+def test_prefix_mse_and_its_gradients_equal_the_autograd_reference():
+    g = torch.Generator().manual_seed(0)
+    G, B, d = 4, 16, 8
+    y = torch.randn(B, d, generator=g)
+    for base_shape in [(B, d), (d,)]:             # b_dec plus a skip path, or b_dec alone
+        for weights in [torch.ones(G), torch.tensor([0.0, 0.0, 1.0, 0.0]), torch.rand(G, generator=g)]:
+            parts = torch.randn(G, B, d, generator=g, requires_grad=True)
+            base = torch.randn(*base_shape, generator=g, requires_grad=True)
+            mse, err = PrefixMSE.apply(parts, base, y)
+            (mse * weights).sum().backward()
+            got = (mse.detach(), err, parts.grad.clone(), base.grad.clone())
+            parts.grad = base.grad = None
+            ref_err = y - (parts.cumsum(0) + base)
+            ref = ref_err.pow(2).mean(dim=(1, 2))
+            (ref * weights).sum().backward()
+            torch.testing.assert_close(got[0], ref.detach(), rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(got[1], ref_err.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got[2], parts.grad, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(got[3], base.grad, rtol=1e-5, atol=1e-7)
+            assert not err.requires_grad
+
+
+@pytest.mark.parametrize("aux_k, aux_path", [(512, "dense"), (512, "sparse"), (3, "dense"), (3, "sparse")])
+def test_sparse_forward_and_gradients_equal_dense_reference(monkeypatch, aux_k, aux_path):
+    # AuxK's two kernels (matmuls over the dead columns, or per-pair gathers), with every dead
+    # latent kept (aux_k above their number) or a per-row top-3 of them
+    monkeypatch.setattr(transcoder_module, "AUX_DENSE_DENSITY", 0.0 if aux_path == "dense" else 2.0)
+    sparse = make(dead_tokens=10, aux_k=aux_k)
     sparse.tokens_since_fired[::3] = 100   # a third of the latents are dead: AuxK is active
     dense = copy.deepcopy(sparse)
     dense.dense = True
