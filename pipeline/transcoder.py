@@ -20,12 +20,15 @@ Choices (also in docs/transcoder.md):
 - Sparse compute: the dense pre-activations are computed once without autograd (to choose the
   active set); the backward of encoder and decoder only touches the nnz active pairs
   (O(nnz * d) instead of O(B * L * d)). `dense=True` runs the plain dense reference instead.
+  The G prefix terms come from `PrefixMSE` (running sums, no (G, B, d) autograd graph).
 - Matryoshka loss: for every prefix boundary m_i (cumulative group sizes) the MSE (mean over rows
   and dims, normalised space) of the target from latents < m_i plus b_dec. The total is the MEAN
   of the G prefix terms (each prefix weighted equally), plus aux_coef * AuxK loss.
 - Dead latents: a latent that has not fired for `dead_tokens` training tokens is dead. AuxK
   (Gao et al. 2024): per row, the top `aux_k` positive pre-activations among dead latents
   reconstruct the DETACHED residual (y_n - full prediction).detach(); its MSE is scaled by aux_coef.
+  The main path's pre-activations are reused; dense matmuls over the dead columns when a row
+  keeps at least AUX_DENSE_DENSITY of them, else the per-pair kernels (same sums).
 - Decoder rows have unit norm: `project_decoder_grad()` removes each row's gradient component
   parallel to the row before the optimiser step, `normalize_decoder()` renormalises after it.
 - Init: W_dec rows random unit vectors; W_enc rows = encoder_init (default 0.5) x W_dec rows when
@@ -55,7 +58,7 @@ FORMAT = "tc-transcoder"
 FORMAT_VERSION = 2       # 2: the metadata names the sparsity rule ("sparsity"); version 1 files are BatchTopK
 READABLE_VERSIONS = (1, 2)
 ENCODER_INIT_SCALE = 0.5  # encoder rows start at this norm (decoder rows at 1): measured, docs/benchmarks.md
-AUX_DENSE_DENSITY = 1 / 32   # AuxK keeps at least this share of (row, dead latent) pairs: dense matmuls pay
+AUX_DENSE_DENSITY = 1 / 8    # AuxK by matmuls once a row keeps this share of the dead columns (measured crossover)
 GATHER_CHUNK = 8192      # entries per chunk in the decoder backward (bounds nnz x d temporaries)
 
 
@@ -121,7 +124,7 @@ class ColumnsEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # grad: (B, n)
         x, w_enc, cols, acts = ctx.saved_tensors
-        grad = torch.where(acts > 0, grad, torch.zeros_like(grad))
+        grad = grad.masked_fill(acts <= 0, 0.0)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = grad @ w_enc.index_select(0, cols)
@@ -403,19 +406,19 @@ class Transcoder(nn.Module):
         if len(dead) == 0 or self.aux_k <= 0 or not torch.is_grad_enabled():
             return x_n.new_zeros(())
         with torch.no_grad():
-            pre_dead = pre[:, dead]                                # (B, n_dead)
+            pre_dead = pre.index_select(1, dead)                   # (B, n_dead)
             ka = min(self.aux_k, len(dead))
             if ka < len(dead):
                 top = pre_dead.topk(ka, dim=1, sorted=False)
                 acts = torch.zeros_like(pre_dead).scatter_(1, top.indices, top.values.clamp(min=0))
+                best = top.values
             else:
-                acts = pre_dead.clamp(min=0)                       # (B, n_dead), the kept values, else 0
-            n_kept = int(torch.count_nonzero(acts))
-        if n_kept == 0:
+                acts = best = pre_dead.clamp(min=0)                # (B, n_dead), the kept values, else 0
+        if not bool(best.max() > 0):                               # no dead latent has a positive pre-activation
             return x_n.new_zeros(())
-        if not self.dense and n_kept >= AUX_DENSE_DENSITY * acts.numel():
-            # dense enough that matmuls over the dead columns beat per-pair gathers (aux_k 512 of
-            # 1,024 dead columns is half of them): the same sums, B x n_dead x d each
+        if not self.dense and ka >= AUX_DENSE_DENSITY * len(dead):
+            # dense enough (at most ka of a row's n_dead are kept) that matmuls over the dead columns
+            # beat per-pair gathers (aux_k 512 of 1,024 dead columns is half of them): the same sums
             vals = ColumnsEncode.apply(x_n, self.W_enc, self.b_enc, dead, acts)
             aux_pred = vals @ self.W_dec.index_select(0, dead)    # (B, d_out)
             return (residual - aux_pred).pow(2).mean()

@@ -421,3 +421,28 @@ def test_predict_is_the_last_prefix_of_predict_prefixes_and_matches_forward(synt
     torch.testing.assert_close(m.predict(x_raw), preds[-1])
     err = (y.unsqueeze(0) - y_n_pred).pow(2).sum(dim=(1, 2)) / (y - y.mean(0)).pow(2).sum()
     torch.testing.assert_close(err, out.fvu_levels, rtol=1e-4, atol=1e-5)
+
+
+def test_topk_rule_keeps_each_rows_own_k_largest_and_survives_the_file(tmp_path):
+    from pipeline.sparsity import TopK
+
+    m = make(k=None, sparsity=TopK(4), seed=2)
+    x, y = batch(n=48)
+    x[0] *= 20                                   # a loud row takes no more than its own k
+    out = m(x, y, update_stats=False)
+    pre = m.normalize_source(x) @ m.W_enc.detach().T + m.b_enc.detach()
+    kept = torch.zeros_like(pre, dtype=torch.bool)
+    kept[out.rows, out.cols] = True
+    positives = (pre > 0).sum(1)
+    assert torch.equal(kept.sum(1), positives.clamp(max=4))
+    for r in range(48):                          # each row's kept ones are its largest
+        if kept[r].any() and (~kept[r]).any():
+            assert pre[r][kept[r]].min() >= pre[r][~kept[r]].max()
+    # inference is the same rule, independent of the batch
+    acts = m.encode(x)
+    torch.testing.assert_close(acts[5:6], m.encode(x[5:6]))
+    assert torch.equal(acts > 0, kept & (pre > 0))
+    m.save(tmp_path / "topk.safetensors")
+    back = Transcoder.load(tmp_path / "topk.safetensors")
+    assert back.sparsity.spec() == {"rule": "topk", "k": 4}
+    torch.testing.assert_close(back.predict(x), m.predict(x))
