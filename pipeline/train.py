@@ -34,6 +34,7 @@ from pipeline.config import checked
 from pipeline.loader import ChunkLoader
 from pipeline.metrics import Metrics, WandbLogger, read_metrics, truncate_metrics, write_plots
 from pipeline.run import RUN_LOCK, TRANSCODER, Run
+from pipeline.sparsity import RULES
 from pipeline.store import Store
 from pipeline.transcoder import ENCODER_INIT_SCALE, Transcoder, TranscoderOutput, norm_constants
 from pipeline.util import (FolderLock, UserError, check_free_space, fault_point, file_checksum, opt, parse_count,
@@ -44,7 +45,7 @@ KILL_ENV = "TC_TRAIN_KILL_AT_STEP"   # testing hook: SIGKILL this process right 
 RESUME_FREE = {"resume", "out", "cache", "device", "log_every", "checkpoint_every", "checkpoint_minutes",
                "keep_checkpoints", "wandb_project"}
 # What a run saved before an option existed did, so that resuming it goes on doing that
-BEFORE_OPTION = {"include_outliers": True, "encoder_init": 0.1, "skip": False}
+BEFORE_OPTION = {"include_outliers": True, "encoder_init": 0.1, "skip": False, "sparsity": "batchtopk"}
 
 
 def _opt_count(text: str | int | None) -> int | None:
@@ -84,6 +85,9 @@ class TrainConfig:
                                    "(default: 1/8, 1/4, 1/2, 1/8 of it; one size = plain BatchTopK).",
                                    "Dictionary", parse=_opt_list)
     k: int = opt(48, "Active latents per token, on average over the batch (BatchTopK).", "Dictionary")
+    sparsity: str = opt("batchtopk", "Sparsity rule: batchtopk (k per token on average over the batch, a "
+                        "learnt threshold at inference) or topk (exactly k per token, in training and at "
+                        "inference; docs/benchmarks.md).", "Dictionary")
     dead_tokens: int = opt(100_000, "A latent that has not fired for this many training tokens is dead.",
                            "Dictionary", parse=_count_option("--dead-tokens"))
     aux_k: int = opt(512, "Dead latents per token used by the AuxK loss (0 turns it off).", "Dictionary")
@@ -204,6 +208,8 @@ def validate(cfg: TrainConfig) -> None:
     if sum(cfg.groups) != cfg.dict_size:
         raise UserError(f"--groups {','.join(map(str, cfg.groups))} sum to {sum(cfg.groups)}, not --dict-size "
                         f"{cfg.dict_size}: give group sizes that add up to the dictionary")
+    if cfg.sparsity not in RULES:
+        raise UserError(f"--sparsity {cfg.sparsity!r} is not a rule tc knows: pick one of {', '.join(RULES)}")
     if cfg.k > cfg.dict_size:
         raise UserError(f"--k {cfg.k} is larger than --dict-size {cfg.dict_size}: pick k <= dict size")
     if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
@@ -401,7 +407,7 @@ def build_model(cfg: TrainConfig, store: Store, device: torch.device) -> Transco
     d = store.d_model
     meta = {"model": store.attrs.get("model"), "layer": store.attrs.get("layer"), "hooks": store.hooks,
             "store": str(Path(store.path).resolve())}
-    model = Transcoder(d, d, cfg.groups, cfg.k, aux_k=cfg.aux_k, aux_coef=cfg.aux_coef,
+    model = Transcoder(d, d, cfg.groups, sparsity=RULES[cfg.sparsity](cfg.k), aux_k=cfg.aux_k, aux_coef=cfg.aux_coef,
                        dead_tokens=cfg.dead_tokens, meta=meta, seed=cfg.seed, skip=cfg.skip,
                        encoder_init=cfg.encoder_init)
     n = norm_constants(store.stats())
