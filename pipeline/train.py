@@ -235,8 +235,8 @@ def open_store(path: str) -> Store:
     return Store(path).require_complete()
 
 
-def architecture(groups: list[int], skip: bool = False) -> str:
-    kind = "matryoshka" if len(groups) > 1 else "batchtopk"
+def architecture(groups: list[int], skip: bool = False, sparsity: str = "batchtopk") -> str:
+    kind = sparsity if len(groups) == 1 else "matryoshka" if sparsity == "batchtopk" else f"matryoshka-{sparsity}"
     return f"{kind}-skip-transcoder" if skip else f"{kind}-transcoder"
 
 
@@ -244,7 +244,7 @@ def auto_run_dir(cfg: TrainConfig, store: Store) -> Path:
     model = str(store.attrs.get("model", "model")).rstrip("/").split("/")[-1]
     hooks = store.hooks
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = (f"{model}_{hooks['source']}_to_{hooks['target']}_{cfg.dict_size}_{architecture(cfg.groups, cfg.skip)}"
+    name = (f"{model}_{hooks['source']}_to_{hooks['target']}_{cfg.dict_size}_{architecture(cfg.groups, cfg.skip, cfg.sparsity)}"
             f"_{cfg.k}_{cfg.lr:g}_{stamp}")
     base = Path("checkpoints") / "transcoder" / model
     path, n = base / name, 1
@@ -322,7 +322,7 @@ def prepare(cfg: TrainConfig, given: set[str] | None = None) -> Setup:
     check_batch_fits(cfg, store)
     note_dictionary_size(cfg, store)
     total = total_steps(cfg, store)
-    config = {**to_jsonable(cfg), "total_steps": total, "architecture": architecture(cfg.groups, cfg.skip),
+    config = {**to_jsonable(cfg), "total_steps": total, "architecture": architecture(cfg.groups, cfg.skip, cfg.sparsity),
               "store": store_identity(store), "versions": versions(),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return Setup(cfg, run, store, config, None)

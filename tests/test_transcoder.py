@@ -442,6 +442,13 @@ def test_topk_rule_keeps_each_rows_own_k_largest_and_survives_the_file(tmp_path)
     acts = m.encode(x)
     torch.testing.assert_close(acts[5:6], m.encode(x[5:6]))
     assert torch.equal(acts > 0, kept & (pre > 0))
+    # a row with fewer than k positive pre-activations keeps only those
+    with torch.no_grad():
+        m.b_enc[2:] -= 1000.0
+    few = m(x, y, update_stats=False)
+    assert len(few.cols) > 0 and set(few.cols.tolist()) <= {0, 1}
+    with torch.no_grad():
+        m.b_enc[2:] += 1000.0
     m.save(tmp_path / "topk.safetensors")
     back = Transcoder.load(tmp_path / "topk.safetensors")
     assert back.sparsity.spec() == {"rule": "topk", "k": 4}
