@@ -141,6 +141,13 @@ CONFIGS = [
     mat("mat-init1-topk", init_scale=1.0, rule="topk"),
     plain("plain-lr1e-3", lr=1e-3),
     plain("plain-lr5e-3", lr=5e-3),
+    # at the default init (0.5): a smaller AuxK (aux_k 64 costs about a tenth of 512's pairs), and
+    # per-token TopK (the "topk" sparsity rule, tc train --sparsity topk)
+    plain("plain-init0.5-auxk64", init_scale=0.5, aux_k=64),
+    mat("mat-init0.5-auxk64", init_scale=0.5, aux_k=64),
+    plain("plain-init0.5-topk", init_scale=0.5, rule="topk"),
+    mat("mat-init0.5-topk", init_scale=0.5, rule="topk"),
+    plain("plain-init0.7-topk", init_scale=0.7, rule="topk"),
 ]
 
 

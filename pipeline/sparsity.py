@@ -11,6 +11,9 @@ BatchTopK (Bussmann et al. 2024): training keeps the k*B largest positive pre-ac
 whole batch; inference keeps pre > `threshold`, an EMA of the smallest activation kept per batch
 (decay n / (10 + n) after n batches, capped at THRESHOLD_DECAY, so short runs are not biased by
 their start).
+
+TopK (per token): each row keeps its own k largest positive pre-activations, in training and at
+inference; measured to train better than BatchTopK at a short budget (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -25,6 +28,17 @@ THRESHOLD_DECAY = 0.99   # EMA decay of the inference threshold (after a warm st
 CANDIDATE_STRIDE = 61    # subsample stride used to find a cheap lower bound for the BatchTopK cutoff
 
 
+def true_positions(mask: Tensor) -> Tensor:
+    """Ascending positions of the True entries of a 1-D bool mask that is mostly False, as
+    mask.nonzero() gives them, about 3x faster on CPU: nonzero over the mask read as 8-byte words
+    finds the few words holding a True, and only those words' bytes are searched."""
+    if mask.numel() % 8 or mask.device.type != "cpu":
+        return mask.nonzero().squeeze(1)
+    words = mask.view(torch.int64).nonzero().squeeze(1)                  # words with a True byte
+    within = mask.view(-1, 8)[words].nonzero()                           # (n, 2): word, byte
+    return words[within[:, 0]] * 8 + within[:, 1]
+
+
 def batch_topk_indices(flat: Tensor, n_keep: int) -> Tensor:
     """Ascending indices of the n_keep largest POSITIVE values of `flat` (ties at the cutoff all
     kept). A strided subsample gives a cheap lower bound c, so the exact top-n_keep is found among
@@ -35,7 +49,7 @@ def batch_topk_indices(flat: Tensor, n_keep: int) -> Tensor:
     sample = flat[::CANDIDATE_STRIDE]
     q = min(sample.numel(), int(1.5 * n_keep / CANDIDATE_STRIDE) + 64)
     c = sample.topk(q, sorted=False).values.min().clamp(min=tiny)
-    cand = (flat >= c).nonzero().squeeze(1)                    # one pass over B * L
+    cand = true_positions(flat >= c)                           # one pass over B * L
     if len(cand) < n_keep:
         if float(c) <= tiny:                                   # fewer positives than n_keep: keep all
             return cand
@@ -89,7 +103,43 @@ class BatchTopK(nn.Module):
         return {"threshold": self.threshold}
 
 
-RULES: dict[str, type[nn.Module]] = {"batchtopk": BatchTopK}
+class TopK(nn.Module):
+    """Per-token TopK (Gao et al. 2024; sparsify's rule): every row keeps its own k largest positive
+    pre-activations, in training and at inference alike, so a code never depends on its batch and
+    there is nothing to learn (no threshold, no file tensors)."""
+    name = "topk"
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = int(k)
+
+    def training_indices(self, pre: Tensor) -> Tensor:
+        """pre (B, L) -> ascending flat indices of each row's k largest positive values."""
+        top = pre.topk(min(self.k, pre.shape[1]), dim=1, sorted=False)
+        flat = top.indices + torch.arange(pre.shape[0], device=pre.device)[:, None] * pre.shape[1]
+        return flat[top.values > 0].sort().values
+
+    def inference_indices(self, pre: Tensor) -> Tensor:
+        return self.training_indices(pre)
+
+    def inference_dense(self, pre: Tensor) -> Tensor:
+        top = pre.topk(min(self.k, pre.shape[1]), dim=1, sorted=False)
+        return torch.zeros_like(pre).scatter_(1, top.indices, top.values.clamp(min=0))
+
+    def observe(self, vals: Tensor) -> None:
+        pass
+
+    def spec(self) -> dict[str, Any]:
+        return {"rule": self.name, "k": self.k}
+
+    def summary(self) -> dict[str, float]:
+        return {}
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        return {}
+
+
+RULES: dict[str, type[nn.Module]] = {"batchtopk": BatchTopK, "topk": TopK}
 
 
 def rule_from_spec(spec: dict[str, Any]) -> nn.Module:

@@ -34,6 +34,7 @@ from pipeline.config import checked
 from pipeline.loader import ChunkLoader, SetLoader
 from pipeline.metrics import Metrics, WandbLogger, read_metrics, truncate_metrics, write_plots
 from pipeline.run import RUN_LOCK, TRANSCODER, Run, RunSet, is_set
+from pipeline.sparsity import RULES
 from pipeline.storage import Location, is_remote, resolved
 from pipeline.store import Store
 from pipeline.transcoder import ENCODER_INIT_SCALE, Transcoder, TranscoderOutput, norm_constants
@@ -45,7 +46,7 @@ KILL_ENV = "TC_TRAIN_KILL_AT_STEP"   # testing hook: SIGKILL this process right 
 RESUME_FREE = {"resume", "out", "cache", "device", "log_every", "checkpoint_every", "checkpoint_minutes",
                "keep_checkpoints", "wandb_project"}
 # What a run saved before an option existed did, so that resuming it goes on doing that
-BEFORE_OPTION = {"include_outliers": True, "encoder_init": 0.1, "skip": False}
+BEFORE_OPTION = {"include_outliers": True, "encoder_init": 0.1, "skip": False, "sparsity": "batchtopk"}
 
 
 def _opt_count(text: str | int | None) -> int | None:
@@ -89,6 +90,9 @@ class TrainConfig:
                                    "(default: 1/8, 1/4, 1/2, 1/8 of it; one size = plain BatchTopK).",
                                    "Dictionary", parse=_opt_list)
     k: int = opt(48, "Active latents per token, on average over the batch (BatchTopK).", "Dictionary")
+    sparsity: str = opt("batchtopk", "Sparsity rule: batchtopk (k per token on average over the batch, a "
+                        "learnt threshold at inference) or topk (exactly k per token, in training and at "
+                        "inference; docs/benchmarks.md).", "Dictionary")
     dead_tokens: int = opt(100_000, "A latent that has not fired for this many training tokens is dead.",
                            "Dictionary", parse=_count_option("--dead-tokens"))
     aux_k: int = opt(512, "Dead latents per token used by the AuxK loss (0 turns it off).", "Dictionary")
@@ -209,6 +213,8 @@ def validate(cfg: TrainConfig) -> None:
     if sum(cfg.groups) != cfg.dict_size:
         raise UserError(f"--groups {','.join(map(str, cfg.groups))} sum to {sum(cfg.groups)}, not --dict-size "
                         f"{cfg.dict_size}: give group sizes that add up to the dictionary")
+    if cfg.sparsity not in RULES:
+        raise UserError(f"--sparsity {cfg.sparsity!r} is not a rule tc knows: pick one of {', '.join(RULES)}")
     if cfg.k > cfg.dict_size:
         raise UserError(f"--k {cfg.k} is larger than --dict-size {cfg.dict_size}: pick k <= dict size")
     if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
@@ -254,8 +260,8 @@ def open_store(path: str, layer: int | None = None) -> Store:
     return store
 
 
-def architecture(groups: list[int], skip: bool = False) -> str:
-    kind = "matryoshka" if len(groups) > 1 else "batchtopk"
+def architecture(groups: list[int], skip: bool = False, sparsity: str = "batchtopk") -> str:
+    kind = sparsity if len(groups) == 1 else "matryoshka" if sparsity == "batchtopk" else f"matryoshka-{sparsity}"
     return f"{kind}-skip-transcoder" if skip else f"{kind}-transcoder"
 
 
@@ -263,7 +269,7 @@ def auto_run_dir(cfg: TrainConfig, store: Store) -> Path:
     model = str(store.attrs.get("model", "model")).rstrip("/").split("/")[-1]
     hooks = store.hooks
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = (f"{model}_{hooks['source']}_to_{hooks['target']}_{cfg.dict_size}_{architecture(cfg.groups, cfg.skip)}"
+    name = (f"{model}_{hooks['source']}_to_{hooks['target']}_{cfg.dict_size}_{architecture(cfg.groups, cfg.skip, cfg.sparsity)}"
             f"_{cfg.k}_{cfg.lr:g}_{stamp}")
     base = Path("checkpoints") / "transcoder" / model
     path, n = base / name, 1
@@ -342,7 +348,7 @@ def prepare(cfg: TrainConfig, given: set[str] | None = None) -> Setup:
     check_batch_fits(cfg, store)
     note_dictionary_size(cfg, store)
     total = total_steps(cfg, store)
-    config = {**to_jsonable(cfg), "total_steps": total, "architecture": architecture(cfg.groups, cfg.skip),
+    config = {**to_jsonable(cfg), "total_steps": total, "architecture": architecture(cfg.groups, cfg.skip, cfg.sparsity),
               "store": store_identity(store), "versions": versions(),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return Setup(cfg, run, store, config, None)
@@ -427,7 +433,7 @@ def build_model(cfg: TrainConfig, store: Store, device: torch.device) -> Transco
     d = store.d_model
     meta = {"model": store.attrs.get("model"), "layer": store.attrs.get("layer"), "hooks": store.hooks,
             "store": resolved(store.path)}
-    model = Transcoder(d, d, cfg.groups, cfg.k, aux_k=cfg.aux_k, aux_coef=cfg.aux_coef,
+    model = Transcoder(d, d, cfg.groups, sparsity=RULES[cfg.sparsity](cfg.k), aux_k=cfg.aux_k, aux_coef=cfg.aux_coef,
                        dead_tokens=cfg.dead_tokens, meta=meta, seed=cfg.seed, skip=cfg.skip,
                        encoder_init=cfg.encoder_init)
     n = norm_constants(store.stats())

@@ -20,12 +20,15 @@ Choices (also in docs/transcoder.md):
 - Sparse compute: the dense pre-activations are computed once without autograd (to choose the
   active set); the backward of encoder and decoder only touches the nnz active pairs
   (O(nnz * d) instead of O(B * L * d)). `dense=True` runs the plain dense reference instead.
+  The G prefix terms come from `PrefixMSE` (running sums, no (G, B, d) autograd graph).
 - Matryoshka loss: for every prefix boundary m_i (cumulative group sizes) the MSE (mean over rows
   and dims, normalised space) of the target from latents < m_i plus b_dec. The total is the MEAN
   of the G prefix terms (each prefix weighted equally), plus aux_coef * AuxK loss.
 - Dead latents: a latent that has not fired for `dead_tokens` training tokens is dead. AuxK
   (Gao et al. 2024): per row, the top `aux_k` positive pre-activations among dead latents
   reconstruct the DETACHED residual (y_n - full prediction).detach(); its MSE is scaled by aux_coef.
+  The main path's pre-activations are reused; dense matmuls over the dead columns when a row
+  keeps at least AUX_DENSE_DENSITY of them, else the per-pair kernels (same sums).
 - Decoder rows have unit norm: `project_decoder_grad()` removes each row's gradient component
   parallel to the row before the optimiser step, `normalize_decoder()` renormalises after it.
 - Init: W_dec rows random unit vectors; W_enc rows = encoder_init (default 0.5) x W_dec rows when
@@ -55,6 +58,7 @@ FORMAT = "tc-transcoder"
 FORMAT_VERSION = 2       # 2: the metadata names the sparsity rule ("sparsity"); version 1 files are BatchTopK
 READABLE_VERSIONS = (1, 2)
 ENCODER_INIT_SCALE = 0.5  # encoder rows start at this norm (decoder rows at 1): measured, docs/benchmarks.md
+AUX_DENSE_DENSITY = 1 / 8    # AuxK by matmuls once a row keeps this share of the dead columns (measured crossover)
 GATHER_CHUNK = 8192      # entries per chunk in the decoder backward (bounds nnz x d temporaries)
 
 
@@ -107,6 +111,30 @@ class SparseEncode(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
+class ColumnsEncode(torch.autograd.Function):
+    """acts (B, n) = x . W_enc[cols]^T + b_enc[cols] where acts > 0, else 0, the values already known
+    (AuxK's kept pre-activations of the dead latents `cols`); the backward is two dense matmuls over
+    those n columns only, for when too many pairs are kept for SparseEncode's gathers to pay."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_enc: Tensor, b_enc: Tensor, cols: Tensor, acts: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w_enc, cols, acts)
+        return acts.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # grad: (B, n)
+        x, w_enc, cols, acts = ctx.saved_tensors
+        grad = grad.masked_fill(acts <= 0, 0.0)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ w_enc.index_select(0, cols)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.zeros_like(w_enc).index_copy_(0, cols, grad.t() @ x)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(w_enc.shape[0], dtype=grad.dtype, device=grad.device).index_copy_(0, cols, grad.sum(0))
+        return grad_x, grad_w, grad_b, None, None
+
+
 class SparseDecode(torch.autograd.Function):
     """out[bag] = sum over entries e of that bag of vals[e] * W_dec[cols[e]]: (n_bags, d_out).
     Entries must be sorted by bag. Gradients touch only the nnz active decoder rows."""
@@ -145,6 +173,41 @@ def per_sample_weight_grad(grad_out: Tensor, weight: Tensor, cols: Tensor, bags:
             b = a + GATHER_CHUNK
             out[a:b] = (grad_out[bags[a:b]] * weight[cols[a:b]]).sum(-1)
         return out
+
+
+class PrefixMSE(torch.autograd.Function):
+    """The Matryoshka terms in one pass: mse[i] = mean((y - base - parts[0] - ... - parts[i])^2), (G,),
+    from parts (G, B, d) (group i's decode alone), base (B, d) or (d,) (b_dec, plus the skip path)
+    and y (B, d). Also returns the errors err (G, B, d), not differentiable. Running sums instead of
+    cumsum/broadcast/pow/mean on (G, B, d) tensors and their autograd graph: on CPU those cost about
+    a fifth of a step's non-matmul time (torch's cumsum over the leading dim is strided and its
+    backward flips twice); the gradient is a reverse running sum of the errors."""
+
+    @staticmethod
+    def forward(ctx, parts: Tensor, base: Tensor, y: Tensor):
+        G = parts.shape[0]
+        err = torch.empty_like(parts)
+        torch.sub(y - base, parts[0], out=err[0])
+        for i in range(1, G):
+            torch.sub(err[i - 1], parts[i], out=err[i])
+        flat = err.view(G, -1)
+        mse = torch.linalg.vector_norm(flat, dim=1).square() / flat.shape[1]   # a norm is one fast pass
+        ctx.save_for_backward(err)
+        ctx.base_shape = base.shape
+        ctx.mark_non_differentiable(err)
+        return mse, err
+
+    @staticmethod
+    def backward(ctx, grad_mse: Tensor, _grad_err):
+        (err,) = ctx.saved_tensors
+        G = err.shape[0]
+        coef = grad_mse * (-2.0 / err[0].numel())             # d mse_i / d pred_i = -2 err_i / (B d)
+        grad = torch.empty_like(err)                          # grad[j] = sum over i >= j of coef_i err_i
+        torch.mul(err[G - 1], coef[G - 1], out=grad[G - 1])
+        for i in range(G - 2, -1, -1):
+            torch.addcmul(grad[i + 1], err[i], coef[i], out=grad[i])
+        grad_base = grad[0] if len(ctx.base_shape) == 2 else grad[0].sum(0)
+        return grad, grad_base, None
 
 
 # ----------------------------------------------------------------------------- the module
@@ -272,22 +335,24 @@ class Transcoder(nn.Module):
             raw_vals = pre[rows, cols]                                 # (nnz,) all > 0
         if self.dense:
             preds = self._dense_decode_prefixes(x_n, rows, cols, pre)  # (G, B, d_out)
+            err = y_n.unsqueeze(0) - preds
+            mse = err.pow(2).mean(dim=(1, 2))                          # (G,)
+            err = err.detach()
         else:
             col_order = torch.argsort(cols)
             vals = SparseEncode.apply(x_n, self.W_enc, self.b_enc, rows, cols, raw_vals, col_order)
-            preds = self.decode_prefixes(rows, cols, vals, B, col_order, x_n=x_n)   # (G, B, d_out) prefix i
-        err = y_n.unsqueeze(0) - preds
-        mse = err.pow(2).mean(dim=(1, 2))                              # (G,)
-        aux = self._aux_loss(x_n, y_n, preds[-1], pre)
+            parts = self.decode_groups(rows, cols, vals, B, col_order)  # (G, B, d_out) group i alone
+            mse, err = PrefixMSE.apply(parts, self.bias(x_n), y_n)     # (G,), (G, B, d_out) detached
+        aux = self._aux_loss(x_n, err[-1], pre)
         loss = mse.mean() + self.aux_coef * aux
         with torch.no_grad():
             total_var = (y_n - y_n.mean(0)).pow(2).sum().clamp(min=1e-12)
-            fvu_levels = err.detach().pow(2).sum(dim=(1, 2)) / total_var
+            fvu_levels = mse.detach() * err[0].numel() / total_var
             if update_stats:
                 self._update_stats(cols, raw_vals, B, learn_rule=not use_threshold)
         return TranscoderOutput(loss=loss, mse=mse, aux_loss=aux, fvu=fvu_levels[-1], fvu_levels=fvu_levels,
                                 l0=torch.tensor(len(cols) / B), rows=rows, cols=cols, vals=raw_vals,
-                                pred=preds[-1].detach())
+                                pred=y_n - err[-1])
 
     def decode_prefixes(self, rows: Tensor, cols: Tensor, vals: Tensor, B: int,
                         col_order: Tensor | None = None, prefixes: bool = True,
@@ -299,12 +364,18 @@ class Transcoder(nn.Module):
         never B x L x d; differentiable in vals and W_dec (pass col_order = argsort(cols) then).
         prefixes=False: only the whole dictionary's prediction, (1, B, d_out), from pairs sorted by
         (row, latent) (`_select(..., by_group=False)`); a G-th of the work, for inference."""
-        if prefixes:
-            n_prefixes, bags = len(self.groups), self.group_of(cols) * B + rows   # sorted by construction
+        return self.decode_groups(rows, cols, vals, B, col_order, prefixes).cumsum(0) + self.bias(x_n)
+
+    def decode_groups(self, rows: Tensor, cols: Tensor, vals: Tensor, B: int, col_order: Tensor | None = None,
+                      by_group: bool = True) -> Tensor:
+        """What each group's latents alone decode to, (G, B, d_out), no bias (decode_prefixes sums
+        them); the whole dictionary as one group, (1, B, d_out), when not by_group."""
+        if by_group:
+            n_groups, bags = len(self.groups), self.group_of(cols) * B + rows   # sorted by construction
         else:
-            n_prefixes, bags = 1, rows
-        parts = SparseDecode.apply(vals, self.W_dec, cols, bags, n_prefixes * B, col_order)
-        return parts.view(n_prefixes, B, self.d_out).cumsum(0) + self.bias(x_n)
+            n_groups, bags = 1, rows
+        parts = SparseDecode.apply(vals, self.W_dec, cols, bags, n_groups * B, col_order)
+        return parts.view(n_groups, B, self.d_out)
 
     def bias(self, x_n: Tensor | None) -> Tensor:
         """What every prefix's prediction adds to its latents' decode: b_dec, plus W_skip x_n with a
@@ -327,21 +398,34 @@ class Transcoder(nn.Module):
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.dead_tokens   # (L,) bool
 
-    def _aux_loss(self, x_n: Tensor, y_n: Tensor, full_pred: Tensor, pre: Tensor) -> Tensor:
-        """AuxK: the top aux_k dead latents per row reconstruct the detached residual."""
+    def _aux_loss(self, x_n: Tensor, residual: Tensor, pre: Tensor) -> Tensor:
+        """AuxK: the top aux_k dead latents per row reconstruct the detached residual (B, d_out)
+        (y_n minus the full prediction, no grad to the main path). pre: the main path's (B, L)
+        pre-activations, reused: the dead columns are gathered once and ranked per row."""
         dead = self.dead_mask().nonzero().squeeze(1)               # (n_dead,)
         if len(dead) == 0 or self.aux_k <= 0 or not torch.is_grad_enabled():
             return x_n.new_zeros(())
-        residual = (y_n - full_pred).detach()                      # (B, d_out): no grad to the main path
-        B = x_n.shape[0]
         with torch.no_grad():
-            top = pre[:, dead].topk(min(self.aux_k, len(dead)), dim=1)   # (B, ka)
-            keep = top.values > 0
-            rows = torch.arange(B, device=pre.device)[:, None].expand_as(keep)[keep]   # sorted by row
-            cols = dead[top.indices[keep]]
-            raw_vals = top.values[keep]
-        if len(cols) == 0:
+            pre_dead = pre.index_select(1, dead)                   # (B, n_dead)
+            ka = min(self.aux_k, len(dead))
+            if ka < len(dead):
+                top = pre_dead.topk(ka, dim=1, sorted=False)
+                acts = torch.zeros_like(pre_dead).scatter_(1, top.indices, top.values.clamp(min=0))
+                best = top.values
+            else:
+                acts = best = pre_dead.clamp(min=0)                # (B, n_dead), the kept values, else 0
+        if not bool(best.max() > 0):                               # no dead latent has a positive pre-activation
             return x_n.new_zeros(())
+        if not self.dense and ka >= AUX_DENSE_DENSITY * len(dead):
+            # dense enough (at most ka of a row's n_dead are kept) that matmuls over the dead columns
+            # beat per-pair gathers (aux_k 512 of 1,024 dead columns is half of them): the same sums
+            vals = ColumnsEncode.apply(x_n, self.W_enc, self.b_enc, dead, acts)
+            aux_pred = vals @ self.W_dec.index_select(0, dead)    # (B, d_out)
+            return (residual - aux_pred).pow(2).mean()
+        with torch.no_grad():
+            pairs = acts.nonzero()                                 # sorted by row
+            rows, cols = pairs[:, 0], dead[pairs[:, 1]]
+            raw_vals = acts[pairs[:, 0], pairs[:, 1]]
         if self.dense:
             acts = torch.relu(x_n @ self.W_enc.t() + self.b_enc)
             mask = torch.zeros_like(acts)
@@ -350,7 +434,7 @@ class Transcoder(nn.Module):
         else:
             col_order = torch.argsort(cols)
             vals = SparseEncode.apply(x_n, self.W_enc, self.b_enc, rows, cols, raw_vals, col_order)
-            aux_pred = SparseDecode.apply(vals, self.W_dec, cols, rows, B, col_order)   # (B, d_out)
+            aux_pred = SparseDecode.apply(vals, self.W_dec, cols, rows, x_n.shape[0], col_order)   # (B, d_out)
         return (residual - aux_pred).pow(2).mean()
 
     def _update_stats(self, cols: Tensor, vals: Tensor, B: int, learn_rule: bool = True) -> None:
@@ -367,8 +451,8 @@ class Transcoder(nn.Module):
     def project_decoder_grad(self) -> None:
         """Remove the part of each decoder row's gradient that would change its norm."""
         if self.W_dec.grad is not None:
-            w = self.W_dec
-            self.W_dec.grad -= (self.W_dec.grad * w).sum(-1, keepdim=True) * w
+            w, grad = self.W_dec, self.W_dec.grad
+            grad.addcmul_(w, torch.linalg.vecdot(grad, w).unsqueeze(1), value=-1)   # one pass, no (L, d) temporaries
 
     @torch.no_grad()
     def is_finite(self) -> bool:

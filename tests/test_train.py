@@ -250,6 +250,7 @@ def unfinished_store(path: Path) -> Path:
     (dict(steps=0), "must be positive"),
     (dict(steps=10, tokens=1000), "not both"),
     (dict(min_lr_ratio=1.5), "--min-lr-ratio"),
+    (dict(sparsity="jumprelu"), "--sparsity 'jumprelu' is not a rule tc knows"),
     (dict(dict_size=4, groups=None, k=2), "too small for the default groups"),
 ])
 def test_bad_options_are_one_line_user_errors_and_write_nothing(synthetic_store, tmp_path, change, message):
@@ -357,3 +358,12 @@ def test_wandb_offline_logs_the_run(synthetic_store, tmp_path, monkeypatch):
     assert (run / "wandb_id.txt").exists()
     offline = list((run / "wandb").glob("offline-run-*"))
     assert offline and any(p.suffix == ".wandb" for p in offline[0].iterdir())
+
+
+def test_sparsity_topk_trains_a_per_token_topk_transcoder(synthetic_store, tmp_path):
+    run = run_train(tiny(synthetic_store, tmp_path / "run", groups=[128], sparsity="topk", steps=8, sample_every=0))
+    model = Transcoder.load(run / "transcoder.safetensors")
+    assert model.sparsity.spec() == {"rule": "topk", "k": 4}
+    assert json.loads((run / "config.json").read_text())["architecture"] == "topk-skip-transcoder"
+    x = torch.from_numpy(Store(synthetic_store).source[:256].astype("float32"))
+    assert int((model.encode(x) > 0).sum(1).max()) <= 4    # never more than k per token

@@ -13,8 +13,9 @@ import torch
 from conftest import rewrite_as_tc_0_1_transcoder
 from pipeline.store import Store
 from pipeline.train import lr_at
-from pipeline.sparsity import batch_topk_indices
-from pipeline.transcoder import Transcoder, norm_constants
+from pipeline import transcoder as transcoder_module
+from pipeline.sparsity import batch_topk_indices, true_positions
+from pipeline.transcoder import PrefixMSE, Transcoder, norm_constants
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "transcoder.md"
 GROUPS = [16, 32, 64, 16]   # d_latent 128
@@ -81,8 +82,41 @@ def test_batch_topk_indices_is_exact():
     assert set(got.tolist()) == set(torch.topk(flat, 100).indices.tolist())
 
 
-def test_sparse_forward_and_gradients_equal_dense_reference():
-    sparse = make(dead_tokens=10)
+def test_true_positions_are_nonzero_of_the_mask():
+    g = torch.Generator().manual_seed(0)
+    for n, p in [(8000, 0.01), (8000, 0.5), (4096, 0.0), (64, 1.0), (8003, 0.02), (7, 0.5)]:
+        mask = torch.rand(n, generator=g) < p
+        assert torch.equal(true_positions(mask), mask.nonzero().squeeze(1)), (n, p)
+
+
+def test_prefix_mse_and_its_gradients_equal_the_autograd_reference():
+    g = torch.Generator().manual_seed(0)
+    G, B, d = 4, 16, 8
+    y = torch.randn(B, d, generator=g)
+    for base_shape in [(B, d), (d,)]:             # b_dec plus a skip path, or b_dec alone
+        for weights in [torch.ones(G), torch.tensor([0.0, 0.0, 1.0, 0.0]), torch.rand(G, generator=g)]:
+            parts = torch.randn(G, B, d, generator=g, requires_grad=True)
+            base = torch.randn(*base_shape, generator=g, requires_grad=True)
+            mse, err = PrefixMSE.apply(parts, base, y)
+            (mse * weights).sum().backward()
+            got = (mse.detach(), err, parts.grad.clone(), base.grad.clone())
+            parts.grad = base.grad = None
+            ref_err = y - (parts.cumsum(0) + base)
+            ref = ref_err.pow(2).mean(dim=(1, 2))
+            (ref * weights).sum().backward()
+            torch.testing.assert_close(got[0], ref.detach(), rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(got[1], ref_err.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got[2], parts.grad, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(got[3], base.grad, rtol=1e-5, atol=1e-7)
+            assert not err.requires_grad
+
+
+@pytest.mark.parametrize("aux_k, aux_path", [(512, "dense"), (512, "sparse"), (3, "dense"), (3, "sparse")])
+def test_sparse_forward_and_gradients_equal_dense_reference(monkeypatch, aux_k, aux_path):
+    # AuxK's two kernels (matmuls over the dead columns, or per-pair gathers), with every dead
+    # latent kept (aux_k above their number) or a per-row top-3 of them
+    monkeypatch.setattr(transcoder_module, "AUX_DENSE_DENSITY", 0.0 if aux_path == "dense" else 2.0)
+    sparse = make(dead_tokens=10, aux_k=aux_k)
     sparse.tokens_since_fired[::3] = 100   # a third of the latents are dead: AuxK is active
     dense = copy.deepcopy(sparse)
     dense.dense = True
@@ -387,3 +421,35 @@ def test_predict_is_the_last_prefix_of_predict_prefixes_and_matches_forward(synt
     torch.testing.assert_close(m.predict(x_raw), preds[-1])
     err = (y.unsqueeze(0) - y_n_pred).pow(2).sum(dim=(1, 2)) / (y - y.mean(0)).pow(2).sum()
     torch.testing.assert_close(err, out.fvu_levels, rtol=1e-4, atol=1e-5)
+
+
+def test_topk_rule_keeps_each_rows_own_k_largest_and_survives_the_file(tmp_path):
+    from pipeline.sparsity import TopK
+
+    m = make(k=None, sparsity=TopK(4), seed=2)
+    x, y = batch(n=48)
+    x[0] *= 20                                   # a loud row takes no more than its own k
+    out = m(x, y, update_stats=False)
+    pre = m.normalize_source(x) @ m.W_enc.detach().T + m.b_enc.detach()
+    kept = torch.zeros_like(pre, dtype=torch.bool)
+    kept[out.rows, out.cols] = True
+    positives = (pre > 0).sum(1)
+    assert torch.equal(kept.sum(1), positives.clamp(max=4))
+    for r in range(48):                          # each row's kept ones are its largest
+        if kept[r].any() and (~kept[r]).any():
+            assert pre[r][kept[r]].min() >= pre[r][~kept[r]].max()
+    # inference is the same rule, independent of the batch
+    acts = m.encode(x)
+    torch.testing.assert_close(acts[5:6], m.encode(x[5:6]))
+    assert torch.equal(acts > 0, kept & (pre > 0))
+    # a row with fewer than k positive pre-activations keeps only those
+    with torch.no_grad():
+        m.b_enc[2:] -= 1000.0
+    few = m(x, y, update_stats=False)
+    assert len(few.cols) > 0 and set(few.cols.tolist()) <= {0, 1}
+    with torch.no_grad():
+        m.b_enc[2:] += 1000.0
+    m.save(tmp_path / "topk.safetensors")
+    back = Transcoder.load(tmp_path / "topk.safetensors")
+    assert back.sparsity.spec() == {"rule": "topk", "k": 4}
+    torch.testing.assert_close(back.predict(x), m.predict(x))

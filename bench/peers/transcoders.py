@@ -4,8 +4,9 @@
         --heldout-store data/bench/g3-l6-licenses.zarr --steps 300 --json data/bench/transcoders.json
 
 Four trainings, one at a time, each its own child process:
-  tc BatchTopK            `tc train --groups D` (one group)
-  tc Matryoshka           `tc train --groups 640,1280,2560,640`
+  tc BatchTopK            `tc train --groups D --no-skip` (one group)
+  tc TopK                 the same with `--sparsity topk` (per-token TopK, sparsify's rule)
+  tc Matryoshka           `tc train --groups 640,1280,2560,640 --no-skip`
   tc Matryoshka + skip    the same with `--skip` (a linear skip path, same L0)
   sparsify TopK    sparsify's SparseCoder(transcode=True), per-token TopK with its AuxK, trained by
                    sparsify_side.py inside sparsify's own virtual environment (made here on first use)
@@ -83,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tc", default=None, help="command that runs tc (default: the tc script beside this python)")
     p.add_argument("--json", default=None, help="results file (default WORK/results.json)")
     a = p.parse_args(argv)
-    a.groups = {"tc BatchTopK": str(a.dict_size), "tc Matryoshka": a.matryoshka_groups,
+    a.groups = {"tc BatchTopK": str(a.dict_size), "tc TopK": str(a.dict_size), "tc Matryoshka": a.matryoshka_groups,
                 "tc Matryoshka + skip": a.matryoshka_groups}
     if sum(int(v) for v in a.matryoshka_groups.split(",")) != a.dict_size:
         p.error(f"--matryoshka-groups must sum to --dict-size {a.dict_size}")
@@ -264,7 +265,7 @@ class Predictions:
 
 
 def tc_predictions(weights: str, source: np.ndarray, batch: int = 4096) -> Predictions:
-    """tc's inference rule (the BatchTopK threshold): predict for the prediction, encode_rows for
+    """tc's inference rule (BatchTopK's threshold, or TopK): predict for the prediction, encode_rows for
     the active latents, predict_prefixes for every prefix (its last equals predict)."""
     import torch
     from pipeline.transcoder import Transcoder
@@ -313,18 +314,26 @@ def norm_check(weights: str, norm: dict) -> float:
                for k in ("source_mean", "source_scale", "target_mean", "target_scale"))
 
 
-def fvu_module_check(weights: str, x: np.ndarray, y: np.ndarray) -> float:
-    """fvu.py's independent reading of a tc file (plain tensors, threshold rule): must match score()."""
+def fvu_module_check(weights: str, x: np.ndarray, y: np.ndarray) -> float | None:
+    """fvu.py's independent reading of a tc file (plain tensors, threshold rule): must match score().
+    None for a rule without a threshold (TopK)."""
+    from safetensors import safe_open
+
     from fvu import evaluate, load_tc
+
+    with safe_open(weights, "pt") as f:
+        if "threshold" not in f.keys():
+            return None
 
     return evaluate(load_tc(weights), x.astype(np.float32), y.astype(np.float32))["threshold"]["fvu"]
 
 
 # ------------------------------------------------------------------------------- report
 
-TOOLS = ["tc BatchTopK", "tc Matryoshka", "tc Matryoshka + skip", "sparsify TopK"]
+TOOLS = ["tc BatchTopK", "tc TopK", "tc Matryoshka", "tc Matryoshka + skip", "sparsify TopK"]
 TC_TOOLS = [t for t in TOOLS if t.startswith("tc ")]
-TC_EXTRA = {"tc Matryoshka + skip": ["--skip"]}   # options beyond the shared ones
+TC_EXTRA = {"tc BatchTopK": ["--no-skip"], "tc TopK": ["--no-skip", "--sparsity", "topk"],   # beyond the shared
+            "tc Matryoshka": ["--no-skip"], "tc Matryoshka + skip": ["--skip"]}
 
 
 def table_rows(results: dict[str, Any]) -> list[tuple[str, float | None, float | None, float | None, float, float]]:
@@ -336,7 +345,8 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, float | None, float |
         rows.append((t, s["fvu"], 100 * s["dead_fraction"], s["l0"], step[t], step[t] / step["sparsify TopK"]))
     m = results["scores"]["tc Matryoshka"]["fvu_prefix"]
     first = results["config"]["matryoshka_groups"].split(",")[0]
-    rows.insert(2, (f"tc Matryoshka, first group ({first}) alone", m[0], None, None, None, None))
+    rows.insert(TOOLS.index("tc Matryoshka") + 1, (f"tc Matryoshka, first group ({first}) alone", m[0], None, None,
+                                                 None, None))
     return rows
 
 
@@ -359,7 +369,7 @@ def print_table(rows: list, held_rows: int) -> None:
         print(f"{name:<40} {cell(fv, '.4f', 12)} {cell(dead, '.1f', 7)} {cell(l0, '.1f', 6)} {cell(ms, '.0f', 8)} "
               f"{cell(ratio, '.2f', 14)}{'x' if ratio is not None else ' '}")
     print(f"\nFVU, dead % (never active), L0: {held_rows:,} usable held-out rows, each tool's own inference rule "
-          "(tc: BatchTopK threshold; sparsify: per-token TopK).\nstep ms: ms per optimiser step, median of "
+          "(tc: the BatchTopK threshold, or per-token TopK; sparsify: per-token TopK).\nstep ms: ms per optimiser step, median of "
           f"{WINDOW}-step windows after the first {WINDOW} steps (tc: metrics.jsonl; sparsify: its loop, batch "
           "gathering included); CPU shared with other work, so noisy.")
 
