@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -280,6 +281,12 @@ def test_a_second_process_on_one_run_folder_is_refused(store, tmp_path):
 
 # ----------------------------------------------------------------------------- interrupts, full disks, limits
 
+def ctrl_c_able() -> None:
+    """Before the child's exec: Ctrl-C at its default. A pytest started in the background by a shell
+    without job control ignores SIGINT, its children inherit that, and Python then keeps ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("point", ["chunk_before_commit:2", "chunk_committed:3", "before_finalize:1",
                                    "finalize_before_mark:1"])
 def test_ctrl_c_in_any_phase_of_cache_is_one_line_and_resumes_identically(tmp_path, tiny_whole, point):
@@ -288,7 +295,8 @@ def test_ctrl_c_in_any_phase_of_cache_is_one_line_and_resumes_identically(tmp_pa
     whole = tiny_whole
     out = tmp_path / "s.zarr"
     r = subprocess.run([sys.executable, "-m", "cli", *TINY_CACHE, "--out", str(out)], capture_output=True, text=True,
-                       cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "TC_INTERRUPT_AT": point}, timeout=600)
+                       cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "TC_INTERRUPT_AT": point}, timeout=600,
+                       preexec_fn=ctrl_c_able)
     assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert [x for x in r.stderr.splitlines() if x.startswith("error:")] == [
         "error: interrupted: re-run the same command to continue where it stopped"]
@@ -308,7 +316,8 @@ def test_ctrl_c_in_training_names_the_real_command(store, tmp_path, point, hint)
             "--warmup-steps", "4", "--sample-every", "0", "--dead-tokens", "1000", "--aux-k", "16",
             "--keep-checkpoints", "0", "--out", str(run)]
     r = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=REPO,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "TC_INTERRUPT_AT": point}, timeout=600)
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "TC_INTERRUPT_AT": point}, timeout=600,
+                       preexec_fn=ctrl_c_able)
     assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert [x for x in r.stderr.splitlines() if x.startswith("error:")] == [f"error: interrupted: {hint.format(run=run)}"]
     assert tc("train", "--resume", str(run)).returncode == 0
