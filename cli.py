@@ -140,7 +140,7 @@ def _register_all() -> None:
     from pipeline import cache, collect, demo, evaluate, export, interop, train
 
     register(app, "demo", demo.DemoConfig, demo.run_demo,
-             "The whole pipeline on the packaged Gemma 3 270M and CPython's docs, in about ten minutes on a laptop CPU.")
+             "The whole pipeline on the packaged Gemma 3 270M and CPython's docs, in about five minutes on a 2-core laptop CPU.")
 
     register(app, "cache", cache.CacheConfig, cache.run_cache,
              "Stage one: run the model once and write source/target activations and token ids to a Zarr store.")
