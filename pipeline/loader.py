@@ -75,7 +75,37 @@ def chunk_usable_counts(store: Store, usable_mask: np.ndarray) -> np.ndarray:
     return np.add.reduceat(usable_mask.astype(np.int64), starts) if store.n_chunks else np.zeros(0, np.int64)
 
 
-class ChunkLoader:
+class _Background:
+    """What both loaders share: a producer thread filling a bounded queue from reads in thread
+    pools (`_stop`, `_queue`, `_thread`, `_ahead`, `_pool`, set by the subclass), and its shutdown."""
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        self._thread.join(timeout=10)
+        self._ahead.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ChunkLoader(_Background):
     """Iterate to get `Batch`es forever; `position` is what a checkpoint needs; call `close()`."""
 
     def __init__(self, store: Store, batch_size: int, *, seed: int = 0, position: int = 0,
@@ -163,14 +193,6 @@ class ChunkLoader:
         except BaseException as e:   # hand the error to the consumer
             self._put(e)
 
-    def _put(self, item) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
     def _make_batch(self, pieces: list[tuple[_Group, np.ndarray]]):
         src = np.concatenate([g.source[i] for g, i in pieces])   # (B, d) fp16, in-memory gather
         tgt = np.concatenate([g.target[i] for g, i in pieces])
@@ -221,25 +243,8 @@ class ChunkLoader:
         self.position += self.batch_size
         return Batch(src, tgt, rows)
 
-    def close(self) -> None:
-        self._stop.set()
-        try:
-            while True:
-                self._queue.get_nowait()
-        except queue.Empty:
-            pass
-        self._thread.join(timeout=10)
-        self._ahead.shutdown(wait=True, cancel_futures=True)
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self) -> "ChunkLoader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class SetLoader:
+class SetLoader(_Background):
     """The batches of several transcoders (one per layer of a multi-layer store) from ONE pass over it.
 
     Member i gets exactly the batches `ChunkLoader(stores[i], ...)` would give it from its position:
@@ -360,14 +365,6 @@ class SetLoader:
         except BaseException as e:   # hand the error to the consumer
             self._put(e)
 
-    def _put(self, item) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
     def _make_batch(self, i: int, pieces: list[tuple[_Group, np.ndarray]]) -> tuple:
         src = torch.from_numpy(np.concatenate([g.source[k] for g, k in pieces]))
         tgt = torch.from_numpy(np.concatenate([g.target[k] for g, k in pieces]))
@@ -395,20 +392,3 @@ class SetLoader:
             self.positions[i] += self.batch_size
             out[i] = Batch(src, tgt, rows)
         return out
-
-    def close(self) -> None:
-        self._stop.set()
-        try:
-            while True:
-                self._queue.get_nowait()
-        except queue.Empty:
-            pass
-        self._thread.join(timeout=10)
-        self._ahead.shutdown(wait=True, cancel_futures=True)
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self) -> "SetLoader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -21,6 +21,7 @@ pytest.importorskip("moto.server", reason="needs s3fs and moto[server]: pip inst
 import zarr  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
+from test_integrity import assert_one_line_error  # noqa: E402
 from pipeline.storage import Location, ObjectLock, filesystem  # noqa: E402
 from pipeline.store import LOCK_NAME, Store  # noqa: E402
 from pipeline.util import UserError  # noqa: E402
@@ -64,15 +65,6 @@ def s3():
 def tc(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=600)
-
-
-def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
-    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
-    assert "Traceback" not in r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, r.stderr
-    for w in words:
-        assert w in errors[0], errors[0]
 
 
 def arrays(path: str | Path) -> zarr.Group:
