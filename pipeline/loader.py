@@ -16,7 +16,7 @@ import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -73,6 +73,23 @@ def group_perm(usable_mask: np.ndarray, rows: np.ndarray, seed: int, epoch: int,
 def chunk_usable_counts(store: Store, usable_mask: np.ndarray) -> np.ndarray:
     starts = np.arange(store.n_chunks) * store.chunk_rows
     return np.add.reduceat(usable_mask.astype(np.int64), starts) if store.n_chunks else np.zeros(0, np.int64)
+
+
+def batch_pieces(groups: Iterable[_Group], offset: int, batch_size: int) -> Iterator[list[tuple[_Group, np.ndarray]]]:
+    """Batches of `batch_size` rows taken in each group's shuffled order, from row `offset` of the
+    first group on: each batch as (group, row indices) pieces, a batch may straddle two groups."""
+    pieces: list[tuple[_Group, np.ndarray]] = []
+    need = batch_size
+    for group in groups:
+        idx = group.perm[offset:]
+        offset = 0
+        while len(idx):
+            take, idx = idx[:need], idx[need:]
+            pieces.append((group, take))
+            need -= len(take)
+            if need == 0:
+                yield pieces
+                pieces, need = [], batch_size
 
 
 class _Background:
@@ -175,21 +192,10 @@ class ChunkLoader(_Background):
     def _produce(self, position: int) -> None:
         try:
             epoch, gi, offset = self.locate(position)
-            pieces: list[tuple[_Group, np.ndarray]] = []
-            need = self.batch_size
-            for group in self._groups_from(epoch, gi):
-                idx = group.perm[offset:]
-                offset = 0
-                while len(idx):
-                    take = idx[:need]
-                    idx = idx[need:]
-                    pieces.append((group, take))
-                    need -= len(take)
-                    if need == 0:
-                        self._put(self._make_batch(pieces))
-                        pieces, need = [], self.batch_size
-                    if self._stop.is_set():
-                        return
+            for pieces in batch_pieces(self._groups_from(epoch, gi), offset, self.batch_size):
+                self._put(self._make_batch(pieces))
+                if self._stop.is_set():
+                    return
         except BaseException as e:   # hand the error to the consumer
             self._put(e)
 
@@ -327,22 +333,14 @@ class SetLoader(_Background):
         """Member i's batches from its position on: ChunkLoader._produce, over the shared groups."""
         epoch, gi, offset = locate(self.positions[i], self.rows_per_epoch[i], self.chunk_usable[i],
                                    self.epoch_groups)
-        key = (epoch, gi)
-        pieces: list[tuple[_Group, np.ndarray]] = []
-        need = self.batch_size
+        for pieces in batch_pieces(self._member_groups(i, (epoch, gi)), offset, self.batch_size):
+            yield self._make_batch(i, pieces)
+
+    def _member_groups(self, i: int, key: tuple[int, int]) -> Iterator[_Group]:
+        """Member i's share of the groups from `key` on, each asked for when the member reaches it."""
         while True:
             self._enter(i, key)
-            group = self._group(key).result()[i]
-            idx = group.perm[offset:]
-            offset = 0
-            while len(idx):
-                take = idx[:need]
-                idx = idx[need:]
-                pieces.append((group, take))
-                need -= len(take)
-                if need == 0:
-                    yield self._make_batch(i, pieces)
-                    pieces, need = [], self.batch_size
+            yield self._group(key).result()[i]
             key = self._next_key(key)
 
     def _produce(self) -> None:
