@@ -7,8 +7,10 @@
 #
 # Sized by environment variables (defaults: Gemma 3 270M, a laptop-CPU run of about half an hour):
 #   MODEL=gemma-3-270m TOKENS=60k SEQ_LEN=256 DICT=2048 K=32 STEPS=400 BATCH=512
-#   PROMPTS='prompt one|prompt two'   KEEP_STORE=1 keeps the store (18 layers x 46 KB a token)
+#   PROMPTS='prompt one|prompt two' (\n in a prompt is a line break)   KEEP_STORE=1 keeps the store
+#   (18 layers x 46 KB a token)   MAX_FEATURE_NODES=512 (attribution's cost grows with it)
 #   NICE=19 runs every step at that niceness (0 for a machine of your own)
+# Each step reruns cheaply on what it finds done (a complete store is not cached again).
 # Writes WORK/times.tsv (step, seconds), WORK/fvu.tsv (layer, training FVU, L0, dead fraction),
 # WORK/graph/scores.jsonl (one line per prompt) and circuit-tracer's graph files in WORK/graph.
 set -euo pipefail
@@ -20,7 +22,7 @@ py=${PYTHON:-python}
 run() { nice -n "${NICE:-19}" "$@"; }
 mkdir -p "$work"
 times=$work/times.tsv
-: >"$times"
+echo "# $(date -u +%FT%TZ) $*" >>"$times"
 step() {   # step NAME COMMAND...: runs it, appends its wall seconds to times.tsv
   local name=$1 start end
   shift
@@ -55,7 +57,7 @@ IFS='|' read -ra list <<<"$prompts"
 for p in "${list[@]}"; do prompt_args+=(--prompt "$(printf '%b' "$p")"); done
 mkdir -p "$work/graph"
 step graphs run "$ct_python" bench/interop/attribution_graph.py --model "$model_folder" \
-  --set "$work/circuit-tracer" --out "$work/graph" "${prompt_args[@]}" | tee "$work/graph/scores.jsonl"
+  --set "$work/circuit-tracer" --out "$work/graph" --max-feature-nodes "${MAX_FEATURE_NODES:-512}" "${prompt_args[@]}" | tee "$work/graph/scores.jsonl"
 
 if [ -z "${KEEP_STORE:-}" ]; then rm -rf "$work/store.zarr"; echo "deleted $work/store.zarr" >&2; fi
 echo "done: $work (times.tsv, fvu.tsv, graph/scores.jsonl); view: $ct_python bench/interop/serve_graph.py --graph $work/graph" >&2
