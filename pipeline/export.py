@@ -269,19 +269,20 @@ def write_export_record(out: Path, cfg: ExportConfig, source: str | list[str], p
 
 
 def run_set_export(cfg: ExportConfig) -> Path:
-    """Every layer of a set: layer L is exactly the one-run export of `--run SET/layer_L --out
-    OUT/layer_L` (its JSON files in that folder with --format json), and one page holds them all,
-    with a layer selector. Layers are built one at a time; the page keeps only their compact data."""
+    """Every layer of a set: layer L is exactly the one-run export of `--run SET/layer_L` (its JSON
+    files in OUT/layer_L with --format json; with html one page in OUT holds every layer, with a
+    layer selector). Layers are built one at a time; the page keeps only their compact data."""
     validate_export(cfg)
     runset = RunSet(cfg.run)
     out = output_folder(cfg.out, runset.path / "export")
     layers, sources, counts = [], [], {}
     for layer in runset.layers():
-        sub = replace(cfg, run=str(runset.layer_run(layer).path), out=str(out / f"layer_{layer}"))
+        folder = out / f"layer_{layer}" if cfg.format == "json" else out      # the page: one file for all
+        sub = replace(cfg, run=str(runset.layer_run(layer).path), out=str(folder))
         status(f"export: layer {layer} of the set")
         index, records = build_records(sub)
         if cfg.format == "json":
-            folder = output_folder(sub.out, out)
+            output_folder(sub.out, out)
             write_export_record(folder, sub, index["source"], write_json_export(folder, index, records), len(records))
         else:
             layers.append({"layer": layer, **page_data(index, records)})
