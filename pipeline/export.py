@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from tqdm import tqdm
 from pipeline.config import checked
 from pipeline.contexts import build_context, context_ends, context_starts, token_text, top_tokens
 from pipeline.logit_effects import try_logit_effects
-from pipeline.run import Run, open_run
+from pipeline.run import Run, RunSet, is_set, open_run, open_set_layer
 from pipeline.samples import FeatureSamples, load_samples
 from pipeline.store import Store
 from pipeline.transcoder import Transcoder
@@ -36,7 +36,9 @@ DATA_MARK = "/*__TC_DATA__*/"
 
 @dataclass
 class ExportConfig:
-    run: str = opt("", "Run folder made by `tc train`.", "Input")
+    run: str = opt("", "Run folder made by `tc train`, or a set (`tc train --layers`): one browser of every "
+                   "layer, with a layer selector.", "Input")
+    layer: int | None = opt(None, "With a set: export only this layer's run (as `--run SET/layer_L`).", "Input")
     out: str | None = opt(None, "Output folder (default RUN/export).", "Output")
     format: str = opt("html", "html: one self-contained page (index.html); json: features.json plus one file "
                       "per feature.", "Output")
@@ -142,7 +144,7 @@ def _sample_list(s: FeatureSamples, cfg: ExportConfig, feats: list[int]) -> list
 def build_records(cfg: ExportConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The index and one record per exported feature (the JSON schema of docs/samples.md)."""
     validate_export(cfg)
-    run = open_run(cfg.run)
+    run = open_set_layer(cfg.run, cfg.layer)
     s = load_samples(run)
     feats = choose_features(cfg, s)
     store = run.store(cfg.cache)
@@ -239,18 +241,62 @@ def _index(cfg: ExportConfig, run: Run, s: FeatureSamples, store: Store, records
 # ----------------------------------------------------------------------------- writers
 
 def run_export(cfg: ExportConfig) -> Path:
-    """Write the JSON files or the HTML page; returns the file to open (features.json / index.html)."""
+    """Write the JSON files or the HTML page; returns the file to open (features.json / index.html).
+    A set without --layer goes to run_set_export."""
     cfg = checked(cfg)
+    if is_set(cfg.run) and cfg.layer is None:
+        return run_set_export(cfg)
     index, records = build_records(cfg)
-    out = Path(cfg.out) if cfg.out else open_run(cfg.run).export_dir
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is a file: choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    path = write_json_export(out, index, records) if cfg.format == "json" else write_html(out, index, records)
-    write_config_toml(out / "tc-samples-export.toml", cfg)
-    write_json_atomic(out / "export.json", {"config": asdict(cfg), "versions": versions(), "source": index["source"],
-                                            "file": path.name, "features": len(records)})
+    out = output_folder(cfg.out, open_set_layer(cfg.run, cfg.layer).export_dir)
+    path = write_json_export(out, index, records) if cfg.format == "json" else write_html(out, page_data(index, records))
+    write_export_record(out, cfg, index["source"], path, len(records))
     print(f"exported {len(records)} features ({index['source']} samples) -> {path}")
+    return path
+
+
+def output_folder(out: str | None, default: Path) -> Path:
+    folder = Path(out) if out else default
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} exists and is a file: choose another --out")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def write_export_record(out: Path, cfg: ExportConfig, source: str | list[str], path: Path, features: Any) -> None:
+    write_config_toml(out / "tc-samples-export.toml", cfg)
+    write_json_atomic(out / "export.json", {"config": asdict(cfg), "versions": versions(), "source": source,
+                                            "file": path.name, "features": features})
+
+
+def run_set_export(cfg: ExportConfig) -> Path:
+    """Every layer of a set: layer L is exactly the one-run export of `--run SET/layer_L` (its JSON
+    files in OUT/layer_L with --format json; with html one page in OUT holds every layer, with a
+    layer selector). Layers are built one at a time; the page keeps only their compact data."""
+    validate_export(cfg)
+    runset = RunSet(cfg.run)
+    out = output_folder(cfg.out, runset.path / "export")
+    layers, sources, counts = [], [], {}
+    for layer in runset.layers():
+        folder = out / f"layer_{layer}" if cfg.format == "json" else out      # the page: one file for all
+        sub = replace(cfg, run=str(runset.layer_run(layer).path), out=str(folder))
+        status(f"export: layer {layer} of the set")
+        index, records = build_records(sub)
+        if cfg.format == "json":
+            output_folder(sub.out, out)
+            write_export_record(folder, sub, index["source"], write_json_export(folder, index, records), len(records))
+        else:
+            layers.append({"layer": layer, **page_data(index, records)})
+        sources.append(index["source"])
+        counts[str(layer)] = len(records)
+    if cfg.format == "json":
+        path = out / "layers.json"
+        write_json_atomic(path, {"schema": SCHEMA + "-set", "schema_version": SCHEMA_VERSION, "run": str(runset),
+                                 "layers": [{"layer": int(L), "file": f"layer_{L}/features.json", "features": n}
+                                            for L, n in counts.items()]})
+    else:
+        path = write_html(out, {"set": {"run": str(runset), "layers": runset.layers()}, "layers": layers})
+    write_export_record(out, cfg, sources, path, counts)
+    print(f"exported {sum(counts.values())} features of {len(counts)} layers -> {path}")
     return path
 
 
@@ -302,10 +348,11 @@ def page_data(index: dict[str, Any], records: list[dict[str, Any]]) -> dict[str,
     return {"meta": meta, "vocab": {str(k): v for k, v in vocab.items()}, "features": feats}
 
 
-def write_html(out: Path, index: dict[str, Any], records: list[dict[str, Any]]) -> Path:
+def write_html(out: Path, data: dict[str, Any]) -> Path:
+    """The page with `data` embedded: one run's page_data, or a set's {set, layers: [{layer, ...}]}."""
     template = (Path(__file__).parent / "browser.html").read_text(encoding="utf-8")
     # "<" escaped so no token text can close the script element
-    blob = json.dumps(page_data(index, records), separators=(",", ":")).replace("<", "\\u003c")
+    blob = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
     html = template.replace(DATA_MARK, f"window.TC_DATA = {blob};")
     path = out / "index.html"
     write_file_atomic(path, html)
