@@ -22,7 +22,7 @@ from pipeline.util import UserError
 # peer, since a dead one closes its sockets and fails the collective at once.
 TIMEOUT = datetime.timedelta(hours=float(os.environ.get("TC_DIST_TIMEOUT_HOURS", "24")))
 # fault_point's variables; TC_KILL_RANK keeps them for one rank only (the tests kill one rank)
-FAULT_VARS = ("TC_KILL_AT", "TC_INTERRUPT_AT")
+FAULT_VARS = ("TC_KILL_AT", "TC_INTERRUPT_AT", "TC_TRAIN_KILL_AT_STEP")
 
 
 class JobStopped(UserError):
