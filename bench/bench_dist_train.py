@@ -15,13 +15,13 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_dist_cache import launch, timed, torchrun_2   # the launch helpers of stage one's bench
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,19 +31,6 @@ def train_args(store: str, steps: int, out: Path) -> list[str]:
     return ["train", "--cache", store, "--dict-size", "5120", "--k", "48", "--batch-size", "1024",
             "--steps", str(steps), "--log-every", "10", "--checkpoint-every", str(steps),
             "--checkpoint-minutes", "0", "--lr", "3e-3", "--warmup-steps", "10", "--out", str(out)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def timed(command: list[str]) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    t0 = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t0
 
 
 def loop_rate(run: Path) -> float:
@@ -90,9 +77,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     a = ap.parse_args()
     if a.exchange:
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                        "127.0.0.1", "--master-port", str(free_port()), __file__], check=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        subprocess.run([*torchrun_2(), __file__], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         return
     tmp = Path(tempfile.mkdtemp(prefix="bench-dist-train-"))
     wall: dict[str, list[float]] = {"one process": [], "two ranks": []}
@@ -101,10 +86,7 @@ def main() -> None:
         for i in range(a.rounds):
             for name in wall:   # alternating, so a change in the machine's load hits both
                 out = tmp / f"{i}-{name.replace(' ', '-')}"
-                launch = [sys.executable, "-m", "cli"] if name == "one process" else [
-                    sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                    "127.0.0.1", "--master-port", str(free_port()), "-m", "cli"]
-                wall[name].append(timed([*launch, *train_args(a.store, a.steps, out)]))
+                wall[name].append(timed([*launch(name), *train_args(a.store, a.steps, out)]))
                 rate[name].append(loop_rate(out))
                 print(f"round {i}: {name}: {wall[name][-1]:.1f} s, loop {rate[name][-1]:,.0f} tokens/s "
                       f"({rate[name][-1] / 1024:.2f} steps/s)", flush=True)
