@@ -77,7 +77,8 @@ class TrainConfig:
     layers: str | None = opt(None, "Train a SET, one transcoder per layer of a store of several, from one pass "
                              "over it: all, 6,8 or 0-3 (--out gets a run folder per layer; docs/transcoder.md).",
                              "Data", parse=layer_spec)
-    batch_size: int = opt(1024, "Rows (tokens) per optimiser step.", "Data")
+    batch_size: int = opt(1024, "Rows (tokens) per optimiser step (under torchrun: of the whole job, each rank "
+                          "training on an equal slice; docs/distributed.md).", "Data")
     steps: int | None = opt(None, "Optimiser steps (default: one pass over the store's usable rows).", "Data",
                             parse=_count_option("--steps"))
     tokens: int | None = opt(None, "Train on this many tokens instead of giving --steps (e.g. 5M).", "Data",
