@@ -59,17 +59,26 @@ class Sync:
 
     def batch_topk(self, flat: Tensor, n_keep: int) -> Tensor:
         """Ascending indices into this rank's `flat` of the pairs in the global batch's n_keep largest
-        positive values (ties at the cutoff all kept, as batch_topk_indices does for one process)."""
+        positive values (ties at the cutoff all kept, as batch_topk_indices does for one process).
+        Each rank first sends only its own top `share_size` values (a rank holds about n_keep / W of
+        the global top: its rows are a random slice); if that cannot prove the cutoff, all n_keep."""
         idx = batch_topk_indices(flat, n_keep)      # holds every local value the global top can hold
         vals = flat[idx]
-        mine = torch.full((n_keep,), float("-inf"), dtype=flat.dtype, device=flat.device)
-        top = vals.topk(min(n_keep, len(vals)), sorted=False).values
+        cut = None
+        for m in dict.fromkeys((share_size(n_keep, self.world), n_keep)):
+            cut = global_cut(self._gather_top(vals, m), n_keep)
+            if cut is not None:
+                break
+        return idx[vals >= cut.clamp(min=torch.finfo(flat.dtype).tiny)]   # fewer positives: keep them all
+
+    def _gather_top(self, vals: Tensor, m: int) -> Tensor:
+        """Every rank's m largest of `vals`, descending, padded with -inf: (W, m)."""
+        mine = torch.full((m,), float("-inf"), dtype=vals.dtype, device=vals.device)
+        top = vals.topk(min(m, len(vals)), sorted=True).values
         mine[:len(top)] = top
         every = [torch.empty_like(mine) for _ in range(self.world)]
         self.job._collective(lambda: dist.all_gather(every, mine, group=self.group))
-        cut = torch.cat(every).topk(n_keep, sorted=False).values.min()
-        cut = cut.clamp(min=torch.finfo(flat.dtype).tiny)   # fewer positives than n_keep: keep them all
-        return idx[vals >= cut]
+        return torch.stack(every)
 
     def train_step(self, model: Any, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, lr: float,
                    due: bool) -> tuple[Any, Any, bool]:
@@ -143,6 +152,24 @@ class Sync:
         every = self.job.gather(mine)
         if any(w != every[0] for w in every):
             raise RuntimeError(f"the ranks' weights differ at step {step}: {every}")
+
+
+def share_size(n_keep: int, world: int) -> int:
+    """How many of its largest values a rank sends first: 1.5x its expected share of the global
+    top n_keep, plus a margin (the fallback, all n_keep, then almost never runs)."""
+    return min(n_keep, -(-3 * n_keep // (2 * world)) + 64)
+
+
+def global_cut(every: Tensor, n_keep: int) -> Tensor | None:
+    """The n_keep-th largest value over all ranks (-inf when there are fewer), from each rank's m
+    largest, descending (W, m); None when those do not prove it: a rank whose m-th value is at or
+    above the candidate cutoff may hold more values above it than it sent."""
+    union = every.reshape(-1)
+    cut = union.topk(n_keep, sorted=False).values.min() if union.numel() >= n_keep else union.new_tensor(float("-inf"))
+    last = every[:, -1]
+    if every.shape[1] < n_keep and bool((torch.isfinite(last) & (last >= cut)).any()):
+        return None
+    return cut
 
 
 class GlobalBatchTopK(BatchTopK):

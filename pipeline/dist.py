@@ -36,14 +36,16 @@ class Job:
     local_rank: int = 0
     launched: bool = False   # started by torchrun (even as a job of one)
     joined: bool = False     # a torch.distributed process group is up
+    # what a stopped rank tells the user to do (tc cache's words; tc train sets its own)
+    hint: str = ("re-run the same command to continue (committed chunks are kept, whoever wrote them; any "
+                 "number of processes may resume)")
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     def stopped(self, why: str) -> JobStopped:
-        return JobStopped(f"rank {self.rank} of {self.world} stopped: {why}; re-run the same command to continue "
-                          "(committed chunks are kept, whoever wrote them; any number of processes may resume)")
+        return JobStopped(f"rank {self.rank} of {self.world} stopped: {why}; {self.hint}")
 
     def _collective(self, fn: Callable[[], Any]) -> Any:
         try:

@@ -535,6 +535,8 @@ def train_job(cfg: TrainConfig, given: set[str] | None, collector_factory: Colle
     if plan is None:
         return Path(cfg.resume)
     cfg, config, checkpoint, notes = plan
+    job.hint = (f"continue with `tc train --resume {cfg.out}` (from its last checkpoint, with any number of "
+                "processes that divides --batch-size)")
     store = job.on_all(lambda: open_store(cfg.cache, cfg.layer))
     setup = Setup(cfg, Run(cfg.out), store, config, checkpoint, notes)
     device = torch.device(job.device(pick_device(cfg.device)))

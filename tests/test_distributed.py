@@ -282,7 +282,8 @@ def test_a_killed_rank_resumes_identically_with_any_world_size(trained, train_st
     cut = tmp_path / "cut"
     r = torchrun(2, [*TRAIN_ARGS, "--cache", str(train_store), "--out", str(cut)],
                  TC_TRAIN_KILL_AT_STEP="25", TC_KILL_RANK="1")
-    assert_one_line_from_tc(r, "rank 0 of 2 stopped", "another process of this job ended")
+    assert_one_line_from_tc(r, "rank 0 of 2 stopped", "another process of this job ended",
+                            f"tc train --resume {cut}")
     assert "SIGKILL" in r.stderr and not (cut / "transcoder.safetensors").exists()
     other = tmp_path / "cut-one"
     shutil.copytree(cut, other)
@@ -306,3 +307,32 @@ def test_a_set_or_a_batch_that_does_not_divide_is_refused_under_torchrun(train_s
     with pytest.raises(UserError, match="--batch-size 127 does not divide among the job's 2 processes"):
         job_plan(cfg, None, 2)
     assert not (tmp_path / "b").exists() and not (tmp_path / "s").exists()
+
+
+def test_the_global_batchtopk_cutoff_is_exact_or_asks_for_everything():
+    """Sync.batch_topk's arithmetic without processes: ranks' slices of one batch's values."""
+    import torch
+
+    from pipeline.ddp import global_cut, share_size
+
+    def sent(parts: list, m: int) -> torch.Tensor:
+        rows = []
+        for p in parts:
+            top = p.topk(min(m, len(p))).values
+            rows.append(torch.cat([top, torch.full((m - len(top),), float("-inf"))]))
+        return torch.stack(rows)
+
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(4 * 4096, generator=gen)
+    n_keep = 512
+    truth = values.topk(n_keep).values.min()
+    for world in (2, 4):
+        m = share_size(n_keep, world)
+        assert m < n_keep
+        shuffled = list(values[torch.randperm(len(values), generator=gen)].chunk(world))
+        assert global_cut(sent(shuffled, m), n_keep) == truth       # a random slice: proven at once
+        skewed = list(values.sort(descending=True).values.chunk(world))   # rank 0 holds the whole top
+        assert global_cut(sent(skewed, m), n_keep) is None           # cannot be proven: send everything
+        assert global_cut(sent(skewed, n_keep), n_keep) == truth
+    few = [torch.tensor([3.0, 2.0]), torch.tensor([1.0])]             # fewer values than n_keep
+    assert global_cut(sent(few, 4), 4) == float("-inf")
