@@ -47,11 +47,14 @@ def exchange_worker(reps: int = 20) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+    from pipeline.ddp import share_size
+
     d, L, k, b = 640, 5120, 48, 512
+    m = share_size(k * 2 * b, 2)
     grads = [torch.randn(L, d), torch.randn(L), torch.randn(L, d), torch.randn(d), torch.randn(d, d)]
     parts = {"gradients (5 tensors, 7.0M floats)": lambda: [dist.all_reduce(g) for g in grads],
-             "BatchTopK cutoff (all-gather of k x B values)": lambda: dist.all_gather(
-                 [torch.empty(k * 2 * b) for _ in range(2)], torch.randn(k * 2 * b)),
+             "BatchTopK cutoff (all-gather of each rank's share_size values)": lambda: dist.all_gather(
+                 [torch.empty(m) for _ in range(2)], torch.randn(m)),
              "dead counters + threshold + checkpoint flag (max)": lambda: dist.all_reduce(
                  torch.zeros(L + 2), op=dist.ReduceOp.MAX),
              "metrics (sum)": lambda: dist.all_reduce(torch.zeros(8 + d, dtype=torch.float64))}
@@ -77,7 +80,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     a = ap.parse_args()
     if a.exchange:
-        subprocess.run([*torchrun_2(), __file__], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        subprocess.run([*torchrun_2(), __file__], check=True, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                                 "PYTHONPATH": str(ROOT)})
         return
     tmp = Path(tempfile.mkdtemp(prefix="bench-dist-train-"))
     wall: dict[str, list[float]] = {"one process": [], "two ranks": []}
