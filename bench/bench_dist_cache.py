@@ -32,6 +32,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_2() -> list[str]:
+    """torchrun with two processes on this machine; the program follows."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--master-port", str(free_port())]
+
+
+def launch(name: str) -> list[str]:
+    """`tc` as one process ("one process") or as a 2-rank job ("two ranks")."""
+    return [sys.executable, "-m", "cli"] if name == "one process" else [*torchrun_2(), "-m", "cli"]
+
+
 def timed(command: list[str]) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
@@ -50,10 +61,7 @@ def main() -> None:
         for i in range(a.rounds):
             for name in times:   # alternating, so a change in the machine's load hits both
                 out = tmp / f"{i}-{name.replace(' ', '-')}.zarr"
-                launch = [sys.executable, "-m", "cli"] if name == "one process" else [
-                    sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                    "127.0.0.1", "--master-port", str(free_port()), "-m", "cli"]
-                times[name].append(timed([*launch, *cache_args(a.tokens, out)]))
+                times[name].append(timed([*launch(name), *cache_args(a.tokens, out)]))
                 print(f"round {i}: {name}: {times[name][-1]:.1f} s", flush=True)
                 shutil.rmtree(out)
     finally:

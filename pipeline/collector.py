@@ -118,6 +118,19 @@ class SampleCollector:
             else:
                 self.seen = None      # saved without it: fall back to always checking
 
+    def merge_state(self, d: dict[str, torch.Tensor]) -> None:
+        """Add another collector's state (another rank's, pipeline/ddp.py): its kept samples compete
+        with these (a row kept by both once, with its larger activation), its counts add up."""
+        rows, vals = d["top_rows"].to(self.device), d["top_vals"].to(self.device)
+        kept = rows >= 0
+        slots = torch.arange(self.d_latent, device=self.device)[:, None].expand_as(rows)[kept]
+        self.top.merge(slots, vals[kept], rows[kept], vals[kept], dedupe=True)
+        self.observed += d["observed"].to(self.device)
+        self.act_sum += d["act_sum"].to(self.device)
+        self.rows_observed += int(d["counters"][0])   # batches and last_step: every rank counts the same
+        if self.seen is not None and "seen" in d:
+            self.seen |= d["seen"].to(self.device)
+
     def finish(self, run: Run | str | Path, store: Store, settings: SampleSettings | None = None) -> Path:
         """Write RUN/activation_samples/: all kept samples (safetensors), the top features with
         their contexts (features.json) and the summary (summary.json)."""

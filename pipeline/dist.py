@@ -22,7 +22,7 @@ from pipeline.util import UserError
 # peer, since a dead one closes its sockets and fails the collective at once.
 TIMEOUT = datetime.timedelta(hours=float(os.environ.get("TC_DIST_TIMEOUT_HOURS", "24")))
 # fault_point's variables; TC_KILL_RANK keeps them for one rank only (the tests kill one rank)
-FAULT_VARS = ("TC_KILL_AT", "TC_INTERRUPT_AT")
+FAULT_VARS = ("TC_KILL_AT", "TC_INTERRUPT_AT", "TC_TRAIN_KILL_AT_STEP")
 
 
 class JobStopped(UserError):
@@ -36,14 +36,16 @@ class Job:
     local_rank: int = 0
     launched: bool = False   # started by torchrun (even as a job of one)
     joined: bool = False     # a torch.distributed process group is up
+    # what a stopped rank tells the user to do (tc cache's words; tc train sets its own)
+    hint: str = ("re-run the same command to continue (committed chunks are kept, whoever wrote them; any "
+                 "number of processes may resume)")
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     def stopped(self, why: str) -> JobStopped:
-        return JobStopped(f"rank {self.rank} of {self.world} stopped: {why}; re-run the same command to continue "
-                          "(committed chunks are kept, whoever wrote them; any number of processes may resume)")
+        return JobStopped(f"rank {self.rank} of {self.world} stopped: {why}; {self.hint}")
 
     def _collective(self, fn: Callable[[], Any]) -> Any:
         try:

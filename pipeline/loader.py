@@ -92,6 +92,17 @@ def batch_pieces(groups: Iterable[_Group], offset: int, batch_size: int) -> Iter
                 pieces, need = [], batch_size
 
 
+def slice_pieces(pieces: list[tuple[_Group, np.ndarray]], start: int, stop: int) -> list[tuple[_Group, np.ndarray]]:
+    """Rows [start, stop) of the batch `pieces` make up, as pieces of their own."""
+    out, at = [], 0
+    for group, idx in pieces:
+        a, b = max(start - at, 0), min(stop - at, len(idx))
+        if a < b:
+            out.append((group, idx[a:b]))
+        at += len(idx)
+    return out
+
+
 class _Background:
     """What both loaders share: a producer thread filling a bounded queue from reads in thread
     pools (`_stop`, `_queue`, `_thread`, `_ahead`, `_pool`, set by the subclass), and its shutdown."""
@@ -123,14 +134,25 @@ class _Background:
 
 
 class ChunkLoader(_Background):
-    """Iterate to get `Batch`es forever; `position` is what a checkpoint needs; call `close()`."""
+    """Iterate to get `Batch`es forever; `position` is what a checkpoint needs; call `close()`.
+
+    `share=(rank, world)`: one rank of a job of `world` (docs/distributed.md): the stream and its
+    batches of `batch_size` rows are the single-process ones, and this loader hands out rows
+    [rank*b, (rank+1)*b) of each, b = batch_size / world; `position` still counts the whole
+    batches' rows, so it means the same for any world size."""
 
     def __init__(self, store: Store, batch_size: int, *, seed: int = 0, position: int = 0,
                  group_chunks: int = DEFAULT_GROUP_CHUNKS, include_bos: bool = False,
                  include_outliers: bool = False,
-                 norm: dict | None = None, device: str | torch.device = "cpu", prefetch_batches: int = 4):
+                 norm: dict | None = None, device: str | torch.device = "cpu", prefetch_batches: int = 4,
+                 share: tuple[int, int] = (0, 1)):
         self.store = store
         self.batch_size = int(batch_size)
+        rank, world = share
+        if self.batch_size % world:
+            raise UserError(f"--batch-size {self.batch_size} does not divide among {world} processes: pick a "
+                            f"multiple of {world}")
+        self.rank_rows = (rank * self.batch_size // world, (rank + 1) * self.batch_size // world)
         self.seed = int(seed)
         self.group_chunks = max(1, int(group_chunks))
         self.device = torch.device(device)
@@ -200,6 +222,8 @@ class ChunkLoader(_Background):
             self._put(e)
 
     def _make_batch(self, pieces: list[tuple[_Group, np.ndarray]]):
+        if self.rank_rows != (0, self.batch_size):
+            pieces = slice_pieces(pieces, *self.rank_rows)
         src = np.concatenate([g.source[i] for g, i in pieces])   # (B, d) fp16, in-memory gather
         tgt = np.concatenate([g.target[i] for g, i in pieces])
         rows = np.concatenate([g.rows[i] for g, i in pieces])

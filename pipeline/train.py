@@ -30,7 +30,9 @@ from tqdm import tqdm
 from pipeline.checkpoints import (checkpoint_meta, newest_intact, read_checkpoint, rng_state, set_rng_state,
                                   write_checkpoint)
 from pipeline.collector import SampleSettings, make_collector
+from pipeline import dist
 from pipeline.config import checked
+from pipeline.ddp import Sync
 from pipeline.loader import ChunkLoader, SetLoader
 from pipeline.metrics import Metrics, WandbLogger, read_metrics, truncate_metrics, write_plots
 from pipeline.run import RUN_LOCK, TRANSCODER, Run, RunSet, is_set
@@ -75,7 +77,8 @@ class TrainConfig:
     layers: str | None = opt(None, "Train a SET, one transcoder per layer of a store of several, from one pass "
                              "over it: all, 6,8 or 0-3 (--out gets a run folder per layer; docs/transcoder.md).",
                              "Data", parse=layer_spec)
-    batch_size: int = opt(1024, "Rows (tokens) per optimiser step.", "Data")
+    batch_size: int = opt(1024, "Rows (tokens) per optimiser step (under torchrun: of the whole job, each rank "
+                          "training on an equal slice; docs/distributed.md).", "Data")
     steps: int | None = opt(None, "Optimiser steps (default: one pass over the store's usable rows).", "Data",
                             parse=_count_option("--steps"))
     tokens: int | None = opt(None, "Train on this many tokens instead of giving --steps (e.g. 5M).", "Data",
@@ -479,6 +482,9 @@ def run_train(cfg: TrainConfig, given: set[str] | None = None,
     `given`: the options the user typed (see merge_resume); `collector_factory` makes the
     feature-sample collector (sampling on)."""
     cfg = checked(cfg)
+    job = dist.from_env()
+    if job.world > 1:
+        return run_job(cfg, given, collector_factory, job)
     if cfg.layers is not None or (cfg.resume is not None and is_set(cfg.resume)):
         return run_set(cfg, given, collector_factory)
     setup = prepare(cfg, given)
@@ -492,6 +498,67 @@ def run_train(cfg: TrainConfig, given: set[str] | None = None,
         return train_locked(setup, device, collector_factory)
 
 
+SET_UNDER_TORCHRUN = ("tc train --layers (a transcoder set) does not run under torchrun: train one set (or one "
+                      "layer) per GPU instead, each as a plain process, e.g. CUDA_VISIBLE_DEVICES=0 tc train "
+                      "--layers 0-8 ... and CUDA_VISIBLE_DEVICES=1 tc train --layers 9-17 ... (docs/distributed.md)")
+
+
+def run_job(cfg: TrainConfig, given: set[str] | None, collector_factory: CollectorFactory, job: dist.Job) -> Path:
+    """`tc train` as one job of several processes under torchrun (docs/distributed.md): every rank
+    trains on its slice of each global batch, rank 0 alone writes the run folder."""
+    job = dist.join(job)
+    try:
+        with dist.quiet_stdout(job):
+            return train_job(cfg, given, collector_factory, job)
+    finally:
+        dist.leave(job)
+
+
+def job_plan(cfg: TrainConfig, given: set[str] | None, world: int) -> tuple | None:
+    """Rank 0's checks and plan, for every rank: (cfg, config, checkpoint, notes), None when done."""
+    if cfg.layers is not None or (cfg.resume is not None and is_set(cfg.resume)):
+        raise UserError(SET_UNDER_TORCHRUN)
+    setup = prepare(cfg, given)
+    if setup.cfg.resume is not None and setup.run.finished:
+        print(f"run {setup.run.path} has finished already: nothing to do")
+        return None
+    if setup.cfg.batch_size % world:
+        raise UserError(f"--batch-size {setup.cfg.batch_size:,} does not divide among the job's {world} processes "
+                        f"(each trains on an equal slice of every batch): pick a multiple of {world}")
+    return setup.cfg, setup.config, setup.checkpoint, setup.notes
+
+
+def train_job(cfg: TrainConfig, given: set[str] | None, collector_factory: CollectorFactory, job: dist.Job) -> Path:
+    import contextlib
+
+    plan = job.on_main(lambda: job_plan(cfg, given, job.world))
+    if plan is None:
+        return Path(cfg.resume)
+    cfg, config, checkpoint, notes = plan
+    job.hint = (f"continue with `tc train --resume {cfg.out}` (from its last checkpoint, with any number of "
+                "processes that divides --batch-size)")
+    store = job.on_all(lambda: open_store(cfg.cache, cfg.layer))
+    setup = Setup(cfg, Run(cfg.out), store, config, checkpoint, notes)
+    device = torch.device(job.device(pick_device(cfg.device)))
+    with contextlib.ExitStack() as lock:
+        def take_lock() -> None:   # one job per run folder: rank 0 holds the lock for all
+            setup.run.path.mkdir(parents=True, exist_ok=True)
+            lock.enter_context(FolderLock(setup.run.path, RUN_LOCK))
+        job.on_main(take_lock)
+        live = start_live(setup, device, collector_factory, Sync(job, device))
+        loader = ChunkLoader(store, cfg.batch_size, seed=cfg.seed, position=live.position,
+                             norm=norm_constants(store.stats()), device=device, include_bos=cfg.include_bos,
+                             include_outliers=cfg.include_outliers, share=(job.rank, job.world))
+        try:
+            train_loop(live, loader)
+        finally:
+            loader.close()
+        end_live(live)
+    print(f"done: the transcoder is {setup.run.transcoder_file} ({job.world} processes); next: `tc samples collect "
+          f"--run {setup.run.path}`", flush=True)
+    return setup.run.path
+
+
 @dataclass
 class Live:
     """One transcoder in training: what its steps change (a run trains one, a set one per layer)."""
@@ -503,14 +570,53 @@ class Live:
     wandb: WandbLogger | None
     step: int
     total: int
-    position: int               # loader rows handed out before `step`
+    position: int               # loader rows handed out before `step` (every rank's rows, under torchrun)
     last_saved: float = 0.0     # time.monotonic() of the last checkpoint
+    sync: Sync | None = None    # under torchrun: what the ranks agree on (pipeline/ddp.py)
+    fresh: dict | None = None   # an empty collector's state: a rank other than 0 starts again from it
+
+    @property
+    def main(self) -> bool:
+        """This process writes the run folder (rank 0, or the only process)."""
+        return self.sync is None or self.sync.job.main
 
 
-def start_live(setup: Setup, device: torch.device, collector_factory: CollectorFactory) -> Live:
-    """Space checked, the folder begun, the model built from the seed, its checkpoint restored."""
+def start_live(setup: Setup, device: torch.device, collector_factory: CollectorFactory,
+               sync: Sync | None = None) -> Live:
+    """Space checked, the folder begun, the model built from the seed, its checkpoint restored.
+    Under torchrun (`sync`) rank 0 alone touches the run folder and reads the checkpoint, which it
+    hands to the others."""
     cfg, run, store = setup.cfg, setup.run, setup.store
     total = int(setup.config["total_steps"])
+    job = sync.job if sync is not None else dist.Job()
+    job.on_main(lambda: begin_run(setup, total))
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    model = build_model(cfg, store, device)
+    optimizer = make_optimizer(model, cfg.lr, device)
+    metrics = Metrics(run.metrics_file if job.main else Path(os.devnull), len(cfg.groups), device)
+    collector = collector_factory(cfg.sample_settings(), model.d_latent, device, store) if cfg.sample_every > 0 else None
+    fresh = None
+    if collector is not None and not job.main:   # copies: a CPU state_dict shares the live tensors
+        fresh = {k: v.clone() for k, v in collector.state_dict().items()}
+    step, position = 0, 0
+    if setup.checkpoint is not None:
+        loaded = job.on_main(lambda: read_checkpoint(setup.checkpoint))
+        step, position = restore(loaded, model, optimizer, metrics, collector if job.main else None)
+    wandb = None
+    if job.main:
+        truncate_metrics(metrics.path, step)
+        if cfg.wandb_project:
+            wandb = WandbLogger(cfg.wandb_project, run.path.name, run.path, run.wandb_id_file, cfg)
+    if sync is not None:
+        sync.attach(model)
+    return Live(setup, model, optimizer, metrics, collector, wandb, step, total, position, time.monotonic(),
+                sync, fresh)
+
+
+def begin_run(setup: Setup, total: int) -> None:
+    """What one process does before training starts: notes, the space check, the folder begun."""
+    cfg, run = setup.cfg, setup.run
     for note in setup.notes:
         print(note, flush=True)
     check_free_space(run.path, disk_needed(cfg, setup.store, total, setup.checkpoint is not None),
@@ -522,22 +628,13 @@ def start_live(setup: Setup, device: torch.device, collector_factory: CollectorF
     print(f"{verb} {run.path} ({total:,} steps of {cfg.batch_size:,} tokens); "
           f"if interrupted: tc train --resume {run.path}", flush=True)
 
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    model = build_model(cfg, store, device)
-    optimizer = make_optimizer(model, cfg.lr, device)
-    metrics = Metrics(run.metrics_file, len(cfg.groups), device)
-    collector = collector_factory(cfg.sample_settings(), model.d_latent, device, store) if cfg.sample_every > 0 else None
-    step, position = 0, 0
-    if setup.checkpoint is not None:
-        step, position = restore(setup.checkpoint, model, optimizer, metrics, collector)
-    truncate_metrics(metrics.path, step)
-    wandb = WandbLogger(cfg.wandb_project, run.path.name, run.path, run.wandb_id_file, cfg) if cfg.wandb_project else None
-    return Live(setup, model, optimizer, metrics, collector, wandb, step, total, position, time.monotonic())
-
 
 def end_live(live: Live) -> None:
     """The final transcoder, plots, samples and summary.json of a transcoder whose steps are done."""
+    if live.sync is not None:
+        live.sync.merge_samples(live.collector, None)
+    if not live.main:
+        return
     run = live.setup.run
     finish(run, live.model, live.setup.store, live.collector, live.metrics)
     if live.wandb:
@@ -563,7 +660,8 @@ def train_locked(setup: Setup, device: torch.device, collector_factory: Collecto
 def train_loop(live: Live, loader: ChunkLoader) -> None:
     """Steps `live.step`..`live.total`: log every log_every steps, checkpoint every checkpoint_every and at the end."""
     kill_at = int(os.environ.get(KILL_ENV, "-1"))
-    bar = tqdm(total=live.total, initial=live.step, unit="step", desc="train", dynamic_ncols=True)
+    bar = tqdm(total=live.total, initial=live.step, unit="step", desc="train", dynamic_ncols=True,
+               disable=not live.main)
     try:
         live.model.train()
         while live.step < live.total:
@@ -588,28 +686,44 @@ def advance(live: Live, batch: Any, position: int) -> dict[str, Any] | None:
     logs and checkpoints when due. Returns the logged metrics row, if this step logged."""
     cfg, setup = live.setup.cfg, live.setup
     lr = lr_at(live.step, live.total, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
-    out = train_step(live.model, live.optimizer, batch.x, batch.y, lr)
+    due = bool(cfg.checkpoint_minutes) and time.monotonic() - live.last_saved >= 60 * cfg.checkpoint_minutes
+    if live.sync is not None:   # this rank's slice; the metrics and the decision are the job's
+        out, shown, due = live.sync.train_step(live.model, live.optimizer, batch.x, batch.y, lr, due)
+    else:
+        out = shown = train_step(live.model, live.optimizer, batch.x, batch.y, lr)
     live.step += 1
     step, model = live.step, live.model
-    live.metrics.add(out, cfg.batch_size)
+    live.metrics.add(shown, cfg.batch_size)
     if live.collector is not None and step % cfg.sample_every == 0:
         live.collector.observe(step, out, batch.rows)
     row = None
     if step % cfg.log_every == 0 or step == live.total:
         row = live.metrics.flush(step, cfg.batch_size, lr, model)
         if not math.isfinite(row["loss"]):
-            raise diverged(setup.run, step, f"the loss is {row['loss']}")
+            stop(live, diverged(setup.run, step, f"the loss is {row['loss']}"))
         if live.wandb:
             live.wandb.log(row)
-    due = cfg.checkpoint_minutes and time.monotonic() - live.last_saved >= 60 * cfg.checkpoint_minutes
     if step % cfg.checkpoint_every == 0 or step == live.total or due:
         if not model.is_finite():   # a NaN/inf weight is never saved, so a resume never loads one
-            raise diverged(setup.run, step, "a weight is NaN or inf")
-        state = checkpoint_state(step, live.total, position, live.optimizer, model, live.metrics, live.collector)
-        write_checkpoint(setup.run, step, model, state, setup.config, cfg.keep_checkpoints)
+            stop(live, diverged(setup.run, step, "a weight is NaN or inf"))
+        if live.sync is not None:
+            live.sync.check_same_weights(model, step)
+            live.sync.merge_samples(live.collector, live.fresh)
+        if live.main:
+            state = checkpoint_state(step, live.total, position, live.optimizer, model, live.metrics,
+                                     live.collector)
+            write_checkpoint(setup.run, step, model, state, setup.config, cfg.keep_checkpoints)
         fault_point("checkpoint_written")
         live.last_saved = time.monotonic()
     return row
+
+
+def stop(live: Live, error: UserError) -> None:
+    """Raise `error`; under torchrun every rank finds it at the same step (the weights and metrics
+    are the job's), and rank 0 alone says it."""
+    if not live.main:
+        dist.quiet_exit()
+    raise error
 
 
 def diverged(run: Run, step: int | None, what: str) -> UserError:
@@ -631,10 +745,11 @@ def checkpoint_state(step: int, total: int, position: int, optimizer: torch.opti
             "collector": collector.state_dict() if collector else None, "total_steps": total}
 
 
-def restore(path: Path, model: Transcoder, optimizer: torch.optim.Optimizer, metrics: Metrics,
+def restore(loaded: tuple[dict, dict], model: Transcoder, optimizer: torch.optim.Optimizer, metrics: Metrics,
             collector: Collector | None) -> tuple[int, int]:
-    """Load a checkpoint into the live objects; returns (step, loader position)."""
-    tensors, state = read_checkpoint(path)
+    """Load a checkpoint (`read_checkpoint`'s tensors and state) into the live objects; returns
+    (step, loader position)."""
+    tensors, state = loaded
     model.load_file_tensors(tensors)
     model.tokens_since_fired.copy_(state["tokens_since_fired"])
     if "sparsity" in state:
