@@ -146,6 +146,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     if cfg.run is not None and is_set(cfg.run):
         return run_set_eval(cfg, RunSet(cfg.run), t0, progress)
     run = open_run(cfg.run)
+    if cfg.each_layer:
+        raise UserError(f"--each-layer is for a set of transcoders (--run SET); {run.path} is one run: drop it")
     device = pick_device(cfg.device)
     transcoder = run.transcoder(device)   # first: an unfinished run is the likelier mistake
     store = run.store(cfg.cache)
@@ -229,8 +231,8 @@ def set_members(cfg: EvalConfig, runset: RunSet, device: str) -> list[tuple[int,
 
 
 def set_splices(members: list[tuple[int, Run, Transcoder, Store]], each_layer: bool) -> dict[str, lm_eval.Splice]:
-    """"spliced": every member's transcoder at once; "zero": every member's MLP output zeroed;
-    with each_layer, "layer_L": member L alone."""
+    """The passes of a set: "spliced" (every member's transcoder at once), "zero" (every member's
+    MLP output zeroed) and, with each_layer, "layer_L" (member L alone)."""
     pairs = {layer: (store.hooks["source"], store.hooks["target"]) for layer, _, _, store in members}
     splices: dict[str, lm_eval.Splice] = {
         "spliced": {pairs[layer]: lm_eval.transcoder_replacement(tc) for layer, _, tc, _ in members},

@@ -199,3 +199,6 @@ def test_a_set_with_an_unfinished_member_is_one_line(multi_store, tmp_path):
                        text=True, cwd=Path(__file__).parent.parent)
     assert r.returncode == 2 and "layer_3 has no final transcoder" in r.stderr and "Traceback" not in r.stderr
     assert not (s / "eval.json").exists()
+    r = subprocess.run([sys.executable, "-m", "cli", "eval", "--run", str(s / "layer_1"), "--each-layer"],
+                       capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert r.returncode == 2 and "--each-layer is for a set" in r.stderr and "Traceback" not in r.stderr
