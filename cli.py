@@ -147,7 +147,8 @@ def _register_all() -> None:
     register(app, "train", train.TrainConfig, train.run_train,
              "Stage two: train a Matryoshka BatchTopK transcoder from a store.")
     register(app, "eval", evaluate.EvalConfig, evaluate.run_eval,
-             "Measure a trained transcoder: FVU per prefix, L0, dead features, and the model's loss with it spliced in.")
+             "Measure a trained transcoder (or a set: every layer, and all spliced in at once): FVU per prefix, L0, "
+             "dead features, and the model's loss with it spliced in.")
     register(samples_app, "collect", collect.CollectConfig, collect.run_collect,
              "Exact top activations, interval samples, histograms and density of every feature over the store.")
     register(samples_app, "export", export.ExportConfig, export.run_export,

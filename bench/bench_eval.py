@@ -14,6 +14,12 @@ and this checkout, each on its own copy of the run folder (eval writes eval.json
 reports each one's seconds, user CPU seconds and when its output first appeared and each phase
 began (the first line of each status or bar).
 
+With --unembed, it instead times the shared path with its unembedding products in float32 (as
+`tc eval` runs them), in bfloat16 on the CPU's AMX units (oneDNN's bf16 mode for float32 matmuls:
+inputs rounded to bf16, float32 accumulation and output) and as a bf16 hi/lo split (three bf16
+products whose sum carries about 16 bits of each operand), alternating in one process, and prints
+how far each one's reported numbers are from float32's, and whether they differ as printed.
+
 With --rows, it instead times the store-row metrics phase (row_metrics over the run's store),
 alternating the older per-batch squared error (float64 copies of the (G, B, d) predictions,
 kept here as the reference) and the current one, and reports the largest FVU difference.
@@ -21,6 +27,7 @@ kept here as the reference) and the current one, and reports the largest FVU dif
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -150,6 +157,79 @@ def rows_phase(args) -> None:
             json.dump({"runs": runs, "ratio_cpu_median": cpu, "max_rel_fvu_difference": rel}, f, indent=1)
 
 
+@contextlib.contextmanager
+def bf16_matmuls():
+    """oneDNN's bf16 mode for float32 matmuls inside (float32 in and out, bf16 products)."""
+    prev = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = prev
+
+
+def unembed_variants(model) -> dict:
+    """unembed_logits replacements: float32 (tc's), bf16, and the bf16 hi/lo split."""
+    exact = lm_eval.unembed_logits
+    W = model.unembed.original_component.weight
+    hi = W.bfloat16().float()
+    lo = (W - hi).bfloat16().float()
+
+    def bf16(model, h, out=None):
+        with bf16_matmuls():
+            return exact(model, h, out)
+
+    def split(model, h, out=None):
+        flat = h.reshape(-1, h.shape[-1])
+        h_hi = flat.bfloat16().float()
+        h_lo = (flat - h_hi).bfloat16().float()
+        res = out.view(-1, out.shape[-1])
+        with bf16_matmuls():
+            torch.mm(h_hi, hi.T, out=res)
+            res.addmm_(h_hi, lo.T)
+            res.addmm_(h_lo, hi.T)
+        return out   # Gemma 3 has no final softcap and no unembedding bias (checked in unembed_phase)
+
+    return {"float32": exact, "bf16": bf16, "bf16 split": split}
+
+
+PRINTED = {"ce_clean": 4, "ce_spliced": 4, "ce_zero": 4, "kl_spliced": 4, "kl_zero": 4, "fraction_recovered": 4,
+           "ce_increase": 4}
+
+
+def unembed_phase(args, lm, seqs, hooks, replacements) -> None:
+    config = lm.model.original_model.config
+    bias = lm.model.unembed.original_component.bias
+    assert not getattr(config, "final_logit_softcapping", None) and (bias is None or not bool(bias.any()))
+    variants = unembed_variants(lm.model)
+    exact = lm_eval.unembed_logits
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for i in range(args.repeats):
+        for name, fn in variants.items():
+            lm_eval.unembed_logits = fn
+            try:
+                losses, wall, cpu = timed(lambda: lm_eval.lm_losses(
+                    lm.model, seqs, hooks["source"], hooks["target"], replacements, lm.bos_id, False,
+                    lm_eval.shared_batch_size(seqs.shape[1], 3), "cpu", progress=False))
+            finally:
+                lm_eval.unembed_logits = exact
+            report = lm_eval.splice_report(losses)
+            runs[name].append({"wall_s": wall, "cpu_s": cpu, "report": report})
+            print(f"repeat {i + 1} {name:<10} wall {wall:6.1f} s  cpu {cpu:6.1f} s  "
+                  + "  ".join(f"{k} {report[k]:.8f}" for k in KEYS), flush=True)
+    base = runs["float32"][0]["report"]
+    for name in variants:
+        r = runs[name][0]["report"]
+        diff = {k: abs(r[k] - base[k]) for k in KEYS}
+        printed = [k for k, d in PRINTED.items() if f"{r[k]:.{d}f}" != f"{base[k]:.{d}f}"]
+        cpu = statistics.median(x["cpu_s"] for x in runs[name])
+        print(f"{name}: median cpu {cpu:.1f} s; |difference| from float32: "
+              + ", ".join(f"{k} {v:.1e}" for k, v in diff.items()) + f"; differs as printed: {printed or 'none'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(runs, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", default="data/demo/run")
@@ -159,6 +239,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--whole", default=None, metavar="OLD_SRC", help="time the whole `tc eval` against the code in OLD_SRC")
     ap.add_argument("--rows", action="store_true", help="time the store-row metrics phase instead")
+    ap.add_argument("--unembed", action="store_true", help="time float32 / bf16 / bf16-split unembedding products instead")
     args = ap.parse_args()
     if args.whole:
         return whole(args)
@@ -175,6 +256,8 @@ def main() -> None:
     replacements = {"spliced": lm_eval.transcoder_replacement(transcoder), "zero": lm_eval.zero_replacement}
     T = seqs.shape[1]
     batches = {"separate": lm_eval.auto_batch_size(T, lm.vocab_size), "shared": lm_eval.shared_batch_size(T, 3)}
+    if args.unembed:
+        return unembed_phase(args, lm, seqs, hooks, replacements)
     print(f"model load {load_s:.1f} s; {seqs.size:,} tokens ({len(seqs)} x {T}); torch threads "
           f"{torch.get_num_threads()}; batch sizes {batches}", flush=True)
     runs: dict[str, list[dict]] = {"separate": [], "shared": []}

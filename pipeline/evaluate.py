@@ -6,6 +6,11 @@
 2. On store rows, without the model (pipeline/row_eval.py): FVU overall and per Matryoshka prefix,
    variance explained, L0, dead and dense feature fractions.
 
+`--run SET` (a set of transcoders, `tc train --layers`) evaluates every member on its layer's
+store rows, and splices all of them into the model at once (each layer's MLP output replaced by
+its transcoder's prediction in one forward), against the clean model and all those MLPs
+zero-ablated.
+
 This module is the command: its config, the checks, which text and model to use, the output.
 """
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 from pipeline import lm_eval
 from pipeline.config import checked
 from pipeline.row_eval import row_metrics
-from pipeline.run import open_run
+from pipeline.run import Run, RunSet, is_set, open_run
 from pipeline.storage import resolved
 from pipeline.store import Store
 from pipeline.transcoder import Transcoder
@@ -33,8 +38,10 @@ DENSE_DEFAULT = 0.1
 
 @dataclass
 class EvalConfig:
-    run: str | None = opt(None, "Run folder made by `tc train` (holds config.json and transcoder.safetensors).", "Input")
-    cache: str | None = opt(None, "Store for the row metrics (default: the store the run trained on).", "Input")
+    run: str | None = opt(None, "Run folder made by `tc train` (holds config.json and transcoder.safetensors), or a set "
+                          "folder (`tc train --layers`): every layer, and all of them spliced in at once.", "Input")
+    cache: str | None = opt(None, "Store for the row metrics (default: the store the run trained on; for a set, a store "
+                            "holding all its layers).", "Input")
     model: str | None = opt(None, "Model to splice the transcoder into (default: the store's model).", "Model")
     dataset: str | None = opt(None, "Text for the language-model loss (default: the store's dataset, continuing after the text the store holds).", "Text")
     dataset_config: str | None = opt(None, "HF dataset config name (default: the store's when --dataset is the store's).", "Text")
@@ -44,6 +51,7 @@ class EvalConfig:
     seq_len: int | None = opt(None, "Tokens per held-out sequence, BOS included (default: the store's).", "Text")
     include_bos: bool = opt(False, "Also replace the MLP output at BOS positions and score the predictions made from them.", "Text")
     lm_loss: bool = opt(True, "Measure the model's loss with the transcoder spliced in (needs the model); --no-lm-loss for the store-row metrics only.", "Text")
+    each_layer: bool = opt(False, "With --run SET: also splice each layer's transcoder in alone (one more pass per layer).", "Text")
     rows: int = opt(200_000, "Store rows (whole chunks spread over the store) for FVU, L0, dead and dense features.", "Store rows", parse=parse_count)
     dense_threshold: float = opt(DENSE_DEFAULT, "A feature is dense when it fires on more than this fraction of the evaluated rows.", "Store rows")
     batch_size: int | None = opt(None, "Sequences per forward pass (default: about 4,096 positions in the one stacked forward of the "
@@ -135,7 +143,11 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     cfg = checked(cfg)
     t0 = time.perf_counter()
     validate(cfg)
+    if cfg.run is not None and is_set(cfg.run):
+        return run_set_eval(cfg, RunSet(cfg.run), t0, progress)
     run = open_run(cfg.run)
+    if cfg.each_layer:
+        raise UserError(f"--each-layer is for a set of transcoders (--run SET); {run.path} is one run: drop it")
     device = pick_device(cfg.device)
     transcoder = run.transcoder(device)   # first: an unfinished run is the likelier mistake
     store = run.store(cfg.cache)
@@ -145,15 +157,14 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     train_store = run.training_store(store)   # the held-out text must avoid ITS text
     lm = None
     if cfg.lm_loss:   # load the model first: an unloadable model should fail before minutes of work
-        spec = cfg.model or train_store.attrs.get("model")
-        status(f"eval: loading model {spec} on {device}", progress)
-        lm = load_eval_model(spec, store, device, model_dtype(cfg.dtype, device))
-        result["model"] = spec
+        result["model"], lm = eval_model(cfg, train_store, [store], device, progress)
     rows = row_metrics(transcoder, store, cfg.rows, device, cfg.dense_threshold, cfg.include_bos, progress=progress)
     rows["rows_are_training_rows"] = resolved(train_store.path) == resolved(store.path)
     result["rows"] = rows
     if lm is not None:
-        result["lm"] = lm_section(cfg, train_store, store.hooks, lm, transcoder, progress)
+        pair = (store.hooks["source"], store.hooks["target"])
+        splices = {"spliced": {pair: lm_eval.transcoder_replacement(transcoder)}, "zero": {pair: lm_eval.zero_replacement}}
+        result["lm"] = lm_section(cfg, train_store, lm, splices, progress)
     result.update({"seconds": round(time.perf_counter() - t0, 1), "config": asdict(cfg), "versions": versions()})
     write_json_atomic(run.eval_file, result)
     write_config_toml(run.eval_toml, cfg)
@@ -163,9 +174,24 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     return result
 
 
-def lm_section(cfg: EvalConfig, store: Store, hooks: dict[str, str], lm: Any, transcoder: Transcoder,
+def eval_model(cfg: EvalConfig, train_store: Store, stores: list[Store], device: str,
+               progress: bool) -> tuple[str, Any]:
+    """The model to splice into (--model, else the training store's) and its spec, checked
+    against every store."""
+    spec = cfg.model or train_store.attrs.get("model")
+    status(f"eval: loading model {spec} on {device}", progress)
+    lm = load_eval_model(spec, stores[0], device, model_dtype(cfg.dtype, device))
+    for store in stores[1:]:
+        missing = [name for name in store.hooks.values() if name not in lm.model.hook_dict]
+        if missing:
+            raise UserError(f"model {spec} has no hook {missing[0]}: pass the model the store was made from with --model")
+    return spec, lm
+
+
+def lm_section(cfg: EvalConfig, store: Store, lm: Any, splices: dict[str, lm_eval.Splice],
                progress: bool) -> dict[str, Any]:
-    """The spliced language-model loss on text held out from `store` (the run's training store)."""
+    """The spliced language-model loss on text held out from `store` (the run's training store):
+    clean against each splice; the headline numbers are those of "spliced" and "zero"."""
     from pipeline.text import iter_documents
 
     spec, same = text_source(cfg, store)
@@ -179,15 +205,72 @@ def lm_section(cfg: EvalConfig, store: Store, hooks: dict[str, str], lm: Any, tr
                                     store if same else None, progress)
     if len(seqs) < n_seqs:
         print(f"note: the held-out text ran out: evaluating on {seqs.size:,} of the {n_seqs * seq_len:,} tokens asked for")
-    replacements = {"spliced": lm_eval.transcoder_replacement(transcoder), "zero": lm_eval.zero_replacement}
-    batch = cfg.batch_size or lm_eval.shared_batch_size(seq_len, 1 + len(replacements))
-    losses = lm_eval.lm_losses(lm.model, seqs, hooks["source"], hooks["target"], replacements,
-                       lm.bos_id, cfg.include_bos, batch, lm.device, progress)
+    batch = cfg.batch_size or lm_eval.shared_batch_size(seq_len, 1 + len(splices))
+    losses = lm_eval.splice_losses(lm.model, seqs, splices, lm.bos_id, cfg.include_bos, batch, lm.device, progress)
     out = lm_eval.splice_report(losses)
     out.update({"text": {**spec, "same_as_store": same, **info, "sequences": len(seqs), "seq_len": seq_len,
                          "tokens": int(seqs.size), "tokens_asked": n_seqs * seq_len},
                 "include_bos": cfg.include_bos, "batch_size": batch, "per_pass": losses})
     return out
+
+
+# ============================================================================ a set of transcoders
+
+def set_members(cfg: EvalConfig, runset: RunSet, device: str) -> list[tuple[int, Run, Transcoder, Store]]:
+    """(layer, run, transcoder, its layer's store) per member, every check done before any work."""
+    members = []
+    for layer in runset.layers():
+        run = open_run(runset.layer_run(layer).path)
+        transcoder = run.transcoder(device)
+        store = run.store(cfg.cache)
+        check_fits(transcoder, store)
+        members.append((layer, run, transcoder, store))
+    if not members:
+        raise UserError(f"{runset.path} lists no layers in its {runset.manifest_file.name}")
+    return members
+
+
+def set_splices(members: list[tuple[int, Run, Transcoder, Store]], each_layer: bool) -> dict[str, lm_eval.Splice]:
+    """The passes of a set: "spliced" (every member's transcoder at once), "zero" (every member's
+    MLP output zeroed) and, with each_layer, "layer_L" (member L alone)."""
+    pairs = {layer: (store.hooks["source"], store.hooks["target"]) for layer, _, _, store in members}
+    splices: dict[str, lm_eval.Splice] = {
+        "spliced": {pairs[layer]: lm_eval.transcoder_replacement(tc) for layer, _, tc, _ in members},
+        "zero": {pairs[layer]: lm_eval.zero_replacement for layer, *_ in members}}
+    if each_layer:
+        splices.update({f"layer_{layer}": {pairs[layer]: lm_eval.transcoder_replacement(tc)}
+                        for layer, _, tc, _ in members})
+    return splices
+
+
+def run_set_eval(cfg: EvalConfig, runset: RunSet, t0: float, progress: bool) -> dict[str, Any]:
+    """`tc eval --run SET`: each member's store-row metrics, and the model's loss with all of them
+    spliced in at once. Returns what it writes to SET/eval.json."""
+    device = pick_device(cfg.device)
+    members = set_members(cfg, runset, device)
+    first_run, first_store = members[0][1], members[0][3]
+    train_store = first_run.training_store(first_store)   # one store for all: the held-out text avoids its text
+    result: dict[str, Any] = {"set": str(runset), "layers": [m[0] for m in members], "store": first_store.path,
+                              "model": None}
+    lm = None
+    if cfg.lm_loss:
+        result["model"], lm = eval_model(cfg, train_store, [m[3] for m in members], device, progress)
+    per_layer = {}
+    for layer, run, transcoder, store in members:
+        status(f"eval: layer {layer}", progress)
+        rows = row_metrics(transcoder, store, cfg.rows, device, cfg.dense_threshold, cfg.include_bos, progress=progress)
+        rows["rows_are_training_rows"] = resolved(run.training_store(store).path) == resolved(store.path)
+        per_layer[str(layer)] = {"run": str(run), "hooks": store.hooks, "rows": rows}
+    result["per_layer"] = per_layer
+    if lm is not None:
+        result["lm"] = lm_section(cfg, train_store, lm, set_splices(members, cfg.each_layer), progress)
+    result.update({"seconds": round(time.perf_counter() - t0, 1), "config": asdict(cfg), "versions": versions()})
+    write_json_atomic(runset.eval_file, result)
+    write_config_toml(runset.eval_toml, cfg)
+    print(format_set_table(result), flush=True)
+    plot_set_fvu(result, runset.eval_plot)
+    print(f"wrote {runset.eval_file} and {runset.eval_plot}")
+    return result
 
 
 # ============================================================================ output
@@ -215,7 +298,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines += [f"  language model {result['model']} on {t['tokens']:,} held-out tokens of {t['dataset']} "
                   f"({lm['n_scored_tokens']:,} scored)",
                   f"    {'CE clean':<22}{lm['ce_clean']:>10.4f}",
-                  f"    {'CE spliced':<22}{lm['ce_spliced']:>10.4f}   (+{lm['ce_increase']:.4f} +- {lm['ce_increase_stderr']:.4f})",
+                  f"    {'CE spliced':<22}{lm['ce_spliced']:>10.4f}   ({lm['ce_increase']:+.4f} +- {lm['ce_increase_stderr']:.4f})",
                   f"    {'CE zero-ablated':<22}{lm['ce_zero']:>10.4f}",
                   f"    {'fraction recovered':<22}{'n/a' if fr is None else f'{fr:10.4f}':>10}{recovered_note(lm)}",
                   f"    {'KL(clean || spliced)':<22}{lm['kl_spliced']:>10.4f}",
@@ -235,6 +318,65 @@ def format_table(result: dict[str, Any]) -> str:
         fvu = "n/a" if o["fvu"] is None else f"{o['fvu']:.4f}"
         lines.append(f"    outlier rows (left out above, see docs/store.md): {o['n_rows']:,}, FVU {fvu}")
     return "\n".join(lines)
+
+
+def format_set_table(result: dict[str, Any]) -> str:
+    """The terminal summary of a set: all layers spliced at once, then one line per layer."""
+    layers = result["layers"]
+    lines = [f"tc eval  {result['set']}  (a set of {len(layers)} transcoders: layers {','.join(map(str, layers))})",
+             f"  store {result['store']}"]
+    lm = result.get("lm")
+    if lm:
+        t, fr = lm["text"], lm["fraction_recovered"]
+        lines += [f"  language model {result['model']} on {t['tokens']:,} held-out tokens of {t['dataset']} "
+                  f"({lm['n_scored_tokens']:,} scored), the MLP output of all {len(layers)} layers replaced at once",
+                  f"    {'CE clean':<28}{lm['ce_clean']:>10.4f}",
+                  f"    {'CE all spliced':<28}{lm['ce_spliced']:>10.4f}   ({lm['ce_increase']:+.4f} +- {lm['ce_increase_stderr']:.4f})",
+                  f"    {'CE all zero-ablated':<28}{lm['ce_zero']:>10.4f}",
+                  f"    {'fraction recovered':<28}{'n/a' if fr is None else f'{fr:10.4f}':>10}{recovered_note(lm)}",
+                  f"    {'KL(clean || all spliced)':<28}{lm['kl_spliced']:>10.4f}",
+                  f"    {'KL(clean || all zero)':<28}{lm['kl_zero']:>10.4f}"]
+    alone = bool(lm) and f"layer_{layers[0]}" in lm["per_pass"]
+    head = f"    {'layer':<8}{'FVU':>9}{'FVU p1':>9}{'L0':>8}{'dead':>9}{'dense':>9}{'outliers':>10}"
+    trained_on = all(m["rows"]["rows_are_training_rows"] for m in result["per_layer"].values())
+    lines += [f"  per layer, store rows ({'the rows the runs trained on' if trained_on else 'another store'})",
+              head + (f"{'CE alone':>11}{'KL alone':>10}" if alone else "")]
+    for layer in layers:
+        r = result["per_layer"][str(layer)]["rows"]
+        line = (f"    {layer:<8}{r['fvu']:>9.4f}{r['fvu_per_prefix'][0]:>9.4f}{r['l0']:>8.2f}"
+                f"{r['dead_fraction']:>9.2%}{r['dense_fraction']:>9.2%}{r['outliers']['n_rows']:>10,}")
+        if alone:
+            p = lm["per_pass"][f"layer_{layer}"]
+            line += f"{p['ce']:>11.4f}{p['kl']:>10.4f}"
+        lines.append(line)
+    lines.append(f"    ({result['per_layer'][str(layers[0])]['rows']['n_rows']:,} rows per layer; FVU p1: the first "
+                 "Matryoshka prefix; every number of each layer is in eval.json)")
+    return "\n".join(lines)
+
+
+def plot_set_fvu(result: dict[str, Any], path: Path) -> None:
+    """FVU (log scale) per layer: the whole transcoder and its first Matryoshka prefix; written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = result["layers"]
+    rows = [result["per_layer"][str(layer)]["rows"] for layer in layers]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(layers, [r["fvu"] for r in rows], marker="o", label="whole transcoder")
+    ax.plot(layers, [r["fvu_per_prefix"][0] for r in rows], marker=".", linestyle="--", label="first prefix")
+    ax.set_xticks(layers)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("FVU (store rows)")
+    if min(r["fvu"] for r in rows) > 0:
+        ax.set_yscale("log")
+    ax.set_title(f"{Path(result['set']).name}: FVU per layer", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with replaced_atomically(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
 
 
 def plot_fvu(rows: dict[str, Any], path: Path, title: str) -> None:

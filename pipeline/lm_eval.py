@@ -1,8 +1,9 @@
 """The language-model side of eval: splice a replacement for the MLP output into the model and
 measure next-token loss on held-out text (method in docs/eval.md).
 
-Passes over the same tokens: clean, and once per replacement (the transcoder's prediction,
-zero-ablation); per scored position the CE and KL(clean || replaced), summed in float64.
+Passes over the same tokens: clean, and once per splice (the transcoder's prediction,
+zero-ablation; for a set of transcoders, every layer's at once); per scored position the CE and
+KL(clean || spliced), summed in float64.
 
 Two ways to run them, with the same numbers to float tolerance (tests/test_evaluate.py):
 ``shared`` (the default) runs the blocks before the spliced layer once, stacks the passes into
@@ -31,6 +32,10 @@ from pipeline.util import UserError
 # A replacement for the MLP output: (source (B, T, d), clean target (B, T, d)) -> new target (B, T, d).
 # The transcoder is one; the tests splice the identity and zeros through the same code.
 Replacement = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# A splice: the replacements one pass applies together, keyed by (source hook, target hook). A
+# transcoder set spliced in at once is one splice of several layers; each layer's source is read
+# in the same forward, so it sees the layers before it already replaced.
+Splice = dict[tuple[str, str], Replacement]
 
 LOGITS_BUDGET = 128 * 2 ** 20   # logits elements per forward batch when --batch-size is not given (512 MB fp32)
 SCORE_CHUNK = 128               # positions per CE/KL chunk: bounds the float32 (chunk, vocab) temporaries
@@ -163,17 +168,17 @@ class LossTotals:
 
 
 @torch.no_grad()
-def score_batch(model: Any, tokens: torch.Tensor, source_hook: str, target_hook: str,
-                replacements: dict[str, Replacement], bos_id: int, include_bos: bool,
+def score_batch(model: Any, tokens: torch.Tensor, splices: dict[str, Splice], bos_id: int, include_bos: bool,
                 totals: dict[str, LossTotals]) -> None:
-    """Run `tokens` (B, T) clean and once per replacement; add CE and KL(clean || replaced) to totals."""
+    """Run `tokens` (B, T) clean and once per splice; add CE and KL(clean || spliced) to totals."""
     mask = score_mask(tokens, bos_id, include_bos)                     # (B, T-1)
     keep_clean = None if include_bos else tokens == bos_id             # (B, T)
     clean_logits = model(tokens, return_type="logits")                 # (B, T, V)
     ce_clean, _ = position_losses(clean_logits, tokens, mask)
     totals.setdefault("clean", LossTotals()).add(ce_clean, torch.zeros_like(ce_clean), ce_clean)
-    for name, replace in replacements.items():
-        hooks = splice_hooks(source_hook, target_hook, replace, keep_clean)
+    for name, splice in splices.items():
+        hooks = [h for (source, target), replace in splice.items()
+                 for h in splice_hooks(source, target, replace, keep_clean)]
         logits = model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")
         ce, kl = position_losses(logits, tokens, mask, ref_logits=clean_logits)
         del logits
@@ -212,10 +217,34 @@ def skipped_blocks(model: Any, n: int) -> Iterator[None]:
             del layer.forward
 
 
-def stacked_hooks(source_hook: str, target_hook: str, replaces: list[Replacement], batch: int,
-                  keep_clean: torch.Tensor | None, final: dict[str, torch.Tensor]) -> list[tuple[str, Callable]]:
+def first_layer(splices: Iterable[Splice]) -> int | None:
+    """The first block any splice touches: the blocks before it are shared by every pass (None
+    when a hook pair is not inside one block, so nothing can be shared)."""
+    layers = [splice_layer(source, target) for splice in splices for source, target in splice]
+    return None if not layers or None in layers else min(layers)
+
+
+def stacked_hooks(splices: list[Splice], batch: int, keep_clean: torch.Tensor | None,
+                  final: dict[str, torch.Tensor]) -> list[tuple[str, Callable]]:
     """Hooks for the stacked forward: rows [0, batch) stay clean, rows [(p+1) batch, (p+2) batch)
-    get replaces[p]; the residual entering the unembedding goes to final["h"] and ends the forward."""
+    get splices[p] (at each of its hook pairs; other pairs keep that pass's own target); the
+    residual entering the unembedding goes to final["h"] and ends the forward."""
+    pairs = list(dict.fromkeys(pair for splice in splices for pair in splice))
+    hooks: list[tuple[str, Callable]] = []
+    for source_hook, target_hook in pairs:
+        hooks += _stacked_pair(source_hook, target_hook, [s.get((source_hook, target_hook)) for s in splices],
+                               batch, keep_clean)
+
+    def stop(tensor: torch.Tensor, hook: Any) -> None:
+        final["h"] = tensor
+        raise _Done
+
+    return hooks + [("unembed.hook_in", stop)]
+
+
+def _stacked_pair(source_hook: str, target_hook: str, replaces: list[Replacement | None], batch: int,
+                  keep_clean: torch.Tensor | None) -> list[tuple[str, Callable]]:
+    """One hook pair of stacked_hooks: replaces[p] (None: leave it) for the rows of pass p + 1."""
     seen: dict[str, torch.Tensor] = {}
 
     def read_source(tensor: torch.Tensor, hook: Any) -> None:
@@ -225,6 +254,9 @@ def stacked_hooks(source_hook: str, target_hook: str, replaces: list[Replacement
         parts = [tensor[:batch]]
         for p, replace in enumerate(replaces, start=1):
             rows = slice(p * batch, (p + 1) * batch)
+            if replace is None:
+                parts.append(tensor[rows])
+                continue
             new = replace(seen["source"][rows], tensor[rows]).to(dtype=tensor.dtype, device=tensor.device)
             if new.shape != tensor[rows].shape:
                 raise RuntimeError(f"the replacement returned shape {tuple(new.shape)}, expected {tuple(tensor[rows].shape)}")
@@ -234,11 +266,7 @@ def stacked_hooks(source_hook: str, target_hook: str, replaces: list[Replacement
             out = torch.where(keep_clean.repeat(len(parts), 1)[..., None], tensor, out)
         return out
 
-    def stop(tensor: torch.Tensor, hook: Any) -> None:
-        final["h"] = tensor
-        raise _Done
-
-    return [(source_hook, read_source), (target_hook, write_target), ("unembed.hook_in", stop)]
+    return [(source_hook, read_source), (target_hook, write_target)]
 
 
 def unembed_logits(model: Any, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -317,24 +345,25 @@ def stacked_losses(model: Any, final: torch.Tensor, tokens: torch.Tensor, mask: 
 
 
 @torch.no_grad()
-def score_batch_shared(model: Any, tokens: torch.Tensor, layer: int, source_hook: str, target_hook: str,
-                       replacements: dict[str, Replacement], bos_id: int, include_bos: bool,
-                       totals: dict[str, LossTotals], advance: Callable[[float], None] | None = None) -> None:
-    """score_batch's numbers, with the blocks before `layer` run once for every pass.
+def score_batch_shared(model: Any, tokens: torch.Tensor, layer: int, splices: dict[str, Splice], bos_id: int,
+                       include_bos: bool, totals: dict[str, LossTotals],
+                       advance: Callable[[float], None] | None = None) -> None:
+    """score_batch's numbers, with the blocks before `layer` (first_layer of the splices) run once
+    for every pass.
 
     Those blocks see only the tokens, so their output is the same in every pass; from block
-    `layer` on the passes are stacked into one batch of (1 + len(replacements)) * B rows.
+    `layer` on the passes are stacked into one batch of (1 + len(splices)) * B rows.
     advance(n), when given, is called as the scoring goes with the batch's tokens it covered
     (a batch of the demo takes tens of seconds: the bar moves within it).
     """
-    names = list(replacements)
+    names = list(splices)
     B, T = tokens.shape
     mask = score_mask(tokens, bos_id, include_bos)
     keep_clean = None if include_bos else tokens == bos_id
     resid = model(tokens, stop_at_layer=layer)                        # (B, T, d): the input of block `layer`
     stacked = resid.repeat(1 + len(names), 1, 1)                      # (P*B, T, d)
     final: dict[str, torch.Tensor] = {}
-    hooks = stacked_hooks(source_hook, target_hook, [replacements[n] for n in names], B, keep_clean, final)
+    hooks = stacked_hooks([splices[n] for n in names], B, keep_clean, final)
     with skipped_blocks(model, layer):
         try:
             model.run_with_hooks(stacked, start_at_layer=layer, fwd_hooks=hooks, return_type=None)
@@ -352,12 +381,21 @@ def score_batch_shared(model: Any, tokens: torch.Tensor, layer: int, source_hook
 def lm_losses(model: Any, sequences: np.ndarray, source_hook: str, target_hook: str,
               replacements: dict[str, Replacement], bos_id: int, include_bos: bool, batch_size: int,
               device: str, progress: bool = True, method: str = "shared") -> dict[str, dict[str, float]]:
-    """Mean CE, KL from clean and CE increase per replacement over `sequences` (n, T) int64.
+    """Mean CE, KL from clean and CE increase per replacement of one hook pair over `sequences`
+    (n, T) int64: splice_losses with one-pair splices."""
+    splices = {name: {(source_hook, target_hook): replace} for name, replace in replacements.items()}
+    return splice_losses(model, sequences, splices, bos_id, include_bos, batch_size, device, progress, method)
+
+
+def splice_losses(model: Any, sequences: np.ndarray, splices: dict[str, Splice], bos_id: int, include_bos: bool,
+                  batch_size: int, device: str, progress: bool = True,
+                  method: str = "shared") -> dict[str, dict[str, float]]:
+    """Mean CE, KL from clean and CE increase per splice over `sequences` (n, T) int64.
 
     method "shared" (one prefix, stacked passes, chunked logits) or "separate" (the reference:
     a full forward per pass). Hooks outside one block fall back to "separate".
     """
-    layer = splice_layer(source_hook, target_hook)
+    layer = first_layer(splices.values())
     if method not in ("shared", "separate"):
         raise ValueError(f"unknown method {method!r}")
     totals: dict[str, LossTotals] = {}
@@ -366,10 +404,9 @@ def lm_losses(model: Any, sequences: np.ndarray, source_hook: str, target_hook: 
         batch = torch.from_numpy(sequences[a:a + batch_size]).long().to(device)
         before = bar.n
         if method == "shared" and layer is not None:
-            score_batch_shared(model, batch, layer, source_hook, target_hook, replacements, bos_id, include_bos,
-                               totals, bar.update)
+            score_batch_shared(model, batch, layer, splices, bos_id, include_bos, totals, bar.update)
         else:
-            score_batch(model, batch, source_hook, target_hook, replacements, bos_id, include_bos, totals)
+            score_batch(model, batch, splices, bos_id, include_bos, totals)
         bar.update(max(0.0, before + batch.numel() - bar.n))   # the rest of the batch (all of it when separate)
     bar.close()
     out = {name: t.summary() for name, t in totals.items()}

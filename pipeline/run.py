@@ -21,6 +21,7 @@ SET/
   set.json                 the set's TrainConfig, its layers, its store, versions (written first)
   tc-train.toml            the command, repeatable with --config
   layer_{L}/               an ordinary run folder per layer (everything above)
+  eval.json, eval_fvu_per_layer.png, tc-eval.toml   `tc eval --run SET`: every layer, and all spliced at once
 
 Only this module knows these names; train, checkpoints, metrics, samples, export, eval, info and the
 demo ask a `Run` for paths and answers.
@@ -242,6 +243,18 @@ class RunSet:
     @property
     def config_toml(self) -> Path:
         return self.path / "tc-train.toml"
+
+    @property
+    def eval_file(self) -> Path:
+        return self.path / "eval.json"
+
+    @property
+    def eval_plot(self) -> Path:
+        return self.path / "eval_fvu_per_layer.png"
+
+    @property
+    def eval_toml(self) -> Path:
+        return self.path / "tc-eval.toml"
 
     @property
     def exists(self) -> bool:
