@@ -168,6 +168,7 @@ CONFIGS = [
     mat("mat-init0.5-tk30", init_scale=0.5, topk_steps=30),
     mat("mat-init0.7-tk30", init_scale=0.7, topk_steps=30),
     mat("mat-init0.6-tk30", init_scale=0.6, topk_steps=30),
+    plain("plain-init0.6", init_scale=0.6),
 ]
 
 
