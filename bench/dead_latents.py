@@ -88,6 +88,8 @@ class Config:
     min_lr_ratio: float = 0.01
     prefix_weights: list[float] | None = None   # None: tc's mean of the prefix MSEs
     unit_decoder: bool = True     # tc keeps decoder rows at unit norm; sparsify's transcoder does not
+    topk_steps: int = 0           # BatchTopK's per_row_batches: per-row TopK for this many first steps
+    row_min: int = 0              # BatchTopK in training, but every row keeps at least its row_min largest
     seed: int = 0
 
 
@@ -148,6 +150,25 @@ CONFIGS = [
     plain("plain-init0.5-topk", init_scale=0.5, rule="topk"),
     mat("mat-init0.5-topk", init_scale=0.5, rule="topk"),
     plain("plain-init0.7-topk", init_scale=0.7, rule="topk"),
+    # why plain BatchTopK trails per-token TopK at init 0.5: the batch-wide budget early in training
+    plain("plain-init0.5-tk30", init_scale=0.5, topk_steps=30),
+    plain("plain-init0.5-tk100", init_scale=0.5, topk_steps=100),
+    plain("plain-init0.5-tk200", init_scale=0.5, topk_steps=200),
+    plain("plain-init0.3-tk100", init_scale=0.3, topk_steps=100),
+    plain("plain-init0.1-tk100", init_scale=0.1, topk_steps=100),
+    plain("plain-init0.5-rowmin16", init_scale=0.5, row_min=16),
+    plain("plain-init0.5-dead10k", init_scale=0.5, dead_tokens=10_000),
+    plain("plain-init0.5-warm100", init_scale=0.5, warmup=100),
+    plain("plain-init0.6-tk30", init_scale=0.6, topk_steps=30),
+    plain("plain-init0.7-tk30", init_scale=0.7, topk_steps=30),
+    plain("plain-init0.7-tk100", init_scale=0.7, topk_steps=100),
+    plain("plain-init0.7-rowmin16", init_scale=0.7, row_min=16),
+    plain("plain-init0.5-tk10", init_scale=0.5, topk_steps=10),
+    plain("plain-init0.7-tk10", init_scale=0.7, topk_steps=10),
+    mat("mat-init0.5-tk30", init_scale=0.5, topk_steps=30),
+    mat("mat-init0.7-tk30", init_scale=0.7, topk_steps=30),
+    mat("mat-init0.6-tk30", init_scale=0.6, topk_steps=30),
+    plain("plain-init0.6", init_scale=0.6),
 ]
 
 
@@ -201,9 +222,10 @@ class Probe(BatchTopK):
     """tc's BatchTopK, unchanged in training (or per-row TopK when per_row), whose inference cutoff
     can be switched (`mode`) so several cutoffs are measured on the same weights."""
 
-    def __init__(self, k: int, per_row: bool = False):
-        super().__init__(k)
+    def __init__(self, k: int, per_row: bool = False, row_min: int = 0, per_row_batches: int = 0):
+        super().__init__(k, per_row_batches=per_row_batches)
         self.per_row = per_row
+        self.row_min = row_min
         self.mode = "topk" if per_row else "ema"
         self.last_cut = 0.0          # the last training batch's smallest kept activation
         self.global_cut = None       # () recalibrated cutoff ("cal")
@@ -212,9 +234,19 @@ class Probe(BatchTopK):
     def training_indices(self, pre: torch.Tensor) -> torch.Tensor:
         if self.per_row:
             return row_topk_indices(pre, self.k)
+        if self.row_min:
+            # every row's row_min largest, then the rest of the batch budget batch-wide
+            base = row_topk_indices(pre, self.row_min)
+            flat = pre.reshape(-1).clone()
+            flat[base] = -1.0
+            rest = batch_topk_indices(flat, (self.k - self.row_min) * pre.shape[0])
+            self.rest_cut = flat[rest].min() if len(rest) else flat.new_zeros(())
+            return torch.cat([base, rest]).sort().values
         return super().training_indices(pre)
 
     def observe(self, vals: torch.Tensor) -> None:
+        if self.row_min:             # the threshold learns the batch-wide part's cutoff only
+            vals = vals[vals >= self.rest_cut]
         super().observe(vals)        # tc's EMA, so the "ema" cutoff is exactly what tc would save
         if len(vals):
             self.last_cut = float(vals.min())
@@ -233,7 +265,7 @@ class Probe(BatchTopK):
 # ----------------------------------------------------------------------------- model
 
 def build(cfg: Config, stats: dict, d: int) -> Transcoder:
-    rule = Probe(K, per_row=cfg.rule == "topk")
+    rule = Probe(K, per_row=cfg.rule == "topk", row_min=cfg.row_min, per_row_batches=cfg.topk_steps)
     model = Transcoder(d, d, cfg.groups, aux_k=cfg.aux_k, aux_coef=cfg.aux_coef, dead_tokens=cfg.dead_tokens,
                        seed=cfg.seed, sparsity=rule, encoder_init=cfg.init_scale)
     reinit(model, cfg)
@@ -552,8 +584,9 @@ def main() -> None:
             print(table_row(r))
         return
     names = args.only.split(",") if args.only else [c.name for c in CONFIGS]
-    chosen = [c for c in CONFIGS if c.name in names]
-    missing = set(names) - {c.name for c in chosen}
+    by_name = {c.name: c for c in CONFIGS}
+    chosen = [by_name[n] for n in names if n in by_name]      # in the order given
+    missing = set(names) - set(by_name)
     if missing:
         raise SystemExit(f"unknown configuration(s): {', '.join(sorted(missing))} (see --list)")
     data = prepare_data(args.train_store, args.held_out_store)

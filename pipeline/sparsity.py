@@ -10,7 +10,12 @@ is a new class here plus one line in RULES.
 BatchTopK (Bussmann et al. 2024): training keeps the k*B largest positive pre-activations of the
 whole batch; inference keeps pre > `threshold`, an EMA of the smallest activation kept per batch
 (decay n / (10 + n) after n batches, capped at THRESHOLD_DECAY, so short runs are not biased by
-their start).
+their start). Its first `per_row_batches` training batches keep each row's own k largest instead
+(per-token TopK): at init a pre-activation's size is mostly its row's norm, so the batch-wide
+budget goes to the loudest rows (measured at init 0.5: the quietest tenth of a batch got 0.3
+latents a row, the loudest tenth 225, 105 of 1,024 rows none) and the first updates fit them
+alone; starting per row took a plain dictionary's held-out FVU from 0.292 to 0.282
+(docs/benchmarks.md). The threshold learns the batch-wide cutoff from those batches too.
 
 TopK (per token): each row keeps its own k largest positive pre-activations, in training and at
 inference; measured to train better than BatchTopK at a short budget (docs/benchmarks.md).
@@ -25,6 +30,7 @@ from torch import Tensor, nn
 from pipeline.util import UserError
 
 THRESHOLD_DECAY = 0.99   # EMA decay of the inference threshold (after a warm start, see observe)
+PER_ROW_BATCHES = 30     # BatchTopK's first training batches select per row (measured, docs/benchmarks.md)
 CANDIDATE_STRIDE = 61    # subsample stride used to find a cheap lower bound for the BatchTopK cutoff
 
 
@@ -60,18 +66,39 @@ def batch_topk_indices(flat: Tensor, n_keep: int) -> Tensor:
     return cand[vals >= cut]
 
 
+def row_topk_indices(pre: Tensor, k: int) -> Tensor:
+    """pre (B, L) -> ascending flat indices of each row's k largest positive values."""
+    top = pre.topk(min(k, pre.shape[1]), dim=1, sorted=False)
+    flat = top.indices + torch.arange(pre.shape[0], device=pre.device)[:, None] * pre.shape[1]
+    return flat[top.values > 0].sort().values
+
+
 class BatchTopK(nn.Module):
     name = "batchtopk"
+    OLD_SPEC = {"per_row_batches": 0}   # what a spec written before the key existed meant
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, per_row_batches: int = PER_ROW_BATCHES):
         super().__init__()
         self.k = int(k)
+        self.per_row_batches = int(per_row_batches)
         self.register_buffer("threshold", torch.tensor(0.0))   # 0 = not estimated yet
-        self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.int64))   # training batches observed
+        self._per_row_done = self.per_row_batches <= 0   # so `updates` is read on the host only while it matters
+        self._cut: Tensor | None = None   # the batch-wide cutoff of a per-row batch, for observe
 
     def training_indices(self, pre: Tensor) -> Tensor:
         """pre (B, L), no grad -> ascending flat indices of the active pairs."""
-        return batch_topk_indices(pre.reshape(-1), self.k * pre.shape[0])
+        flat = pre.reshape(-1)
+        batch_wide = batch_topk_indices(flat, self.k * pre.shape[0])
+        if self._per_row():
+            self._cut = flat[batch_wide].min() if len(batch_wide) else None
+            return row_topk_indices(pre, self.k)
+        return batch_wide
+
+    def _per_row(self) -> bool:
+        if not self._per_row_done:
+            self._per_row_done = int(self.updates) >= self.per_row_batches
+        return not self._per_row_done
 
     def inference_indices(self, pre: Tensor) -> Tensor:
         cut = self.threshold.clamp(min=torch.finfo(pre.dtype).tiny)
@@ -84,6 +111,8 @@ class BatchTopK(nn.Module):
     @torch.no_grad()
     def observe(self, vals: Tensor) -> None:
         """After a training batch: vals (nnz,) the kept activations. Updates the threshold; no host sync."""
+        if self._cut is not None:      # a per-row batch: learn the cutoff BatchTopK would have used
+            vals, self._cut = self._cut.reshape(1), None
         if len(vals):
             n = self.updates.double()
             decay = torch.clamp(n / (10 + n), max=THRESHOLD_DECAY).to(self.threshold.dtype)
@@ -92,7 +121,11 @@ class BatchTopK(nn.Module):
 
     def spec(self) -> dict[str, Any]:
         """What the file metadata records: enough to rebuild the rule."""
-        return {"rule": self.name, "k": self.k}
+        return {"rule": self.name, "k": self.k, "per_row_batches": self.per_row_batches}
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._per_row_done = self.per_row_batches <= 0    # re-read `updates` (a resumed run)
 
     def summary(self) -> dict[str, float]:
         """Scalars for metrics and summaries."""
@@ -115,9 +148,7 @@ class TopK(nn.Module):
 
     def training_indices(self, pre: Tensor) -> Tensor:
         """pre (B, L) -> ascending flat indices of each row's k largest positive values."""
-        top = pre.topk(min(self.k, pre.shape[1]), dim=1, sorted=False)
-        flat = top.indices + torch.arange(pre.shape[0], device=pre.device)[:, None] * pre.shape[1]
-        return flat[top.values > 0].sort().values
+        return row_topk_indices(pre, self.k)
 
     def inference_indices(self, pre: Tensor) -> Tensor:
         return self.training_indices(pre)
@@ -148,4 +179,5 @@ def rule_from_spec(spec: dict[str, Any]) -> nn.Module:
     if name not in RULES:
         raise UserError(f"unknown sparsity rule {name!r} (this tc knows {', '.join(sorted(RULES))}): "
                         "read the file with the tc version that wrote it")
-    return RULES[name](**spec)
+    rule = RULES[name]
+    return rule(**{**getattr(rule, "OLD_SPEC", {}), **spec})

@@ -31,12 +31,14 @@ Choices (also in docs/transcoder.md):
   keeps at least AUX_DENSE_DENSITY of them, else the per-pair kernels (same sums).
 - Decoder rows have unit norm: `project_decoder_grad()` removes each row's gradient component
   parallel to the row before the optimiser step, `normalize_decoder()` renormalises after it.
-- Init: W_dec rows random unit vectors; W_enc rows = encoder_init (default 0.5) x W_dec rows when
+- Init: W_dec rows random unit vectors; W_enc rows = encoder_init (default 0.6) x W_dec rows when
   d_in == d_out (tied init, as Gao et al., scaled down), else independent random vectors of that
   norm; b_enc = 0, b_dec = 0 (the normalised target's mean is 0). The scale trades dead latents
   against early FVU (bench/dead_latents.py): at 0.1 Adam's first steps rewrite the few winning rows
   and most latents never fire (51% dead on held-out text after 300 steps); at 1.0 almost all live
-  but the random first codes cost FVU (0.314 vs 0.274); 0.5 gives 21% dead at FVU 0.285.
+  but the random first codes cost FVU (0.314 vs 0.274); 0.5 gives 21% dead at FVU 0.285. With
+  BatchTopK's per-row start (pipeline/sparsity.py), which removes much of that early cost, 0.6
+  gives a Matryoshka transcoder 9% dead at FVU 0.282.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ from pipeline.util import UserError, replaced_atomically
 FORMAT = "tc-transcoder"
 FORMAT_VERSION = 2       # 2: the metadata names the sparsity rule ("sparsity"); version 1 files are BatchTopK
 READABLE_VERSIONS = (1, 2)
-ENCODER_INIT_SCALE = 0.5  # encoder rows start at this norm (decoder rows at 1): measured, docs/benchmarks.md
+ENCODER_INIT_SCALE = 0.6  # encoder rows start at this norm (decoder rows at 1): measured, docs/benchmarks.md
 AUX_DENSE_DENSITY = 1 / 8    # AuxK by matmuls once a row keeps this share of the dead columns (measured crossover)
 GATHER_CHUNK = 8192      # entries per chunk in the decoder backward (bounds nnz x d temporaries)
 

@@ -14,7 +14,7 @@ from conftest import rewrite_as_tc_0_1_transcoder
 from pipeline.store import Store
 from pipeline.train import lr_at
 from pipeline import transcoder as transcoder_module
-from pipeline.sparsity import batch_topk_indices, true_positions
+from pipeline.sparsity import BatchTopK, batch_topk_indices, true_positions
 from pipeline.transcoder import PrefixMSE, Transcoder, norm_constants
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "transcoder.md"
@@ -140,7 +140,7 @@ def test_sparse_forward_and_gradients_equal_dense_reference(monkeypatch, aux_k, 
 
 
 def test_batch_topk_keeps_k_per_row_on_average_and_the_largest():
-    m = make()
+    m = make(k=None, sparsity=BatchTopK(4, per_row_batches=0))
     x, y = batch(n=64)
     out = m(x, y, update_stats=False)
     assert len(out.cols) == m.k * 64
@@ -395,9 +395,11 @@ def test_the_file_records_the_sparsity_rule_and_version_1_files_still_load(tmp_p
     m.save(tmp_path / "v2.safetensors")
     with safe_open(str(tmp_path / "v2.safetensors"), "pt") as f:
         meta = f.metadata()
-    assert meta["format_version"] == "2" and json.loads(meta["sparsity"]) == {"rule": "batchtopk", "k": 4}
+    assert meta["format_version"] == "2" and json.loads(meta["sparsity"]) == {"rule": "batchtopk", "k": 4,
+                                                                               "per_row_batches": 30}
     old = Transcoder.load(rewrite_as_tc_0_1_transcoder(tmp_path / "v2.safetensors", tmp_path / "v1.safetensors"))
     assert old.k == 4 and float(old.sparsity.threshold) == pytest.approx(0.3)
+    assert old.sparsity.per_row_batches == 0       # trained before the per-row start: recorded as such
     x = torch.randn(32, 24, generator=torch.Generator().manual_seed(3)) * 3
     torch.testing.assert_close(old.predict(x), m.eval().predict(x))
     save_file(load_file(str(tmp_path / "v2.safetensors")), str(tmp_path / "v9.safetensors"),
@@ -453,3 +455,26 @@ def test_topk_rule_keeps_each_rows_own_k_largest_and_survives_the_file(tmp_path)
     back = Transcoder.load(tmp_path / "topk.safetensors")
     assert back.sparsity.spec() == {"rule": "topk", "k": 4}
     torch.testing.assert_close(back.predict(x), m.predict(x))
+
+
+def test_batch_topk_starts_per_row_then_shares_the_budget_and_learns_the_batch_cutoff():
+    """BatchTopK's first per_row_batches training batches keep each row's own k (a loud row takes no
+    more), the threshold learning the cutoff the batch-wide rule would have used; then the budget
+    is shared across the batch again."""
+    m = make(k=None, sparsity=BatchTopK(4, per_row_batches=2), seed=2)
+    x, y = batch(n=48)
+    x[0] *= 20
+    pre = m.normalize_source(x) @ m.W_enc.detach().T + m.b_enc.detach()
+    batch_cut = pre.reshape(-1).topk(4 * 48).values.min()
+    for step in range(3):
+        out = m(x, y)                                   # training mode: the rule learns
+        per_row = torch.bincount(out.rows, minlength=48)
+        if step < 2:
+            assert torch.equal(per_row, torch.full((48,), 4)), step
+            torch.testing.assert_close(m.sparsity.threshold, batch_cut)   # the same weights each time
+        else:
+            assert per_row[0] > 4 and len(out.cols) == 4 * 48
+    assert int(m.sparsity.updates) == 3
+    # a rule that starts batch-wide (per_row_batches 0) gives the loud row more from the first batch
+    m0 = make(k=None, sparsity=BatchTopK(4, per_row_batches=0), seed=2)
+    assert torch.bincount(m0(x, y).rows, minlength=48)[0] > 4
