@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pipeline.dist import Job
-from pipeline.sparsity import BatchTopK, batch_topk_indices
+from pipeline.sparsity import BatchTopK, batch_topk_indices, row_topk_indices
 
 
 class Sync:
@@ -53,7 +53,7 @@ class Sync:
     def attach(self, model: Any) -> None:
         """A BatchTopK rule of `model` picks over the global batch from now on."""
         if type(model.sparsity) is BatchTopK:
-            rule = GlobalBatchTopK(model.sparsity.k, self)
+            rule = GlobalBatchTopK(model.sparsity.k, model.sparsity.per_row_batches, self)
             rule.load_state_dict(model.sparsity.state_dict())
             model.sparsity = rule.to(model.W_enc.device)
 
@@ -106,7 +106,8 @@ class Sync:
         flags = torch.zeros(L + 2, dtype=torch.float32, device=out.vals.device)
         flags[out.cols] = 1.0                                       # fired on this rank
         flags[L] = float(due)
-        flags[L + 1] = -out.vals.min() if len(out.vals) else float("-inf")   # max of -min = -(global min)
+        mine = model.sparsity.batch_min(out.vals) if hasattr(model.sparsity, "batch_min") else out.vals[:0]
+        flags[L + 1] = -mine[0] if len(mine) else float("-inf")   # max of -min = -(global min)
         self._reduce(flags, dist.ReduceOp.MAX)
         model.tokens_since_fired += batch
         model.tokens_since_fired[flags[:L] > 0] = 0
@@ -176,9 +177,14 @@ class GlobalBatchTopK(BatchTopK):
     """BatchTopK whose training choice is made over the global batch of the job (`Sync.batch_topk`);
     everything else (threshold, file tensors, spec) is BatchTopK's, so its files are BatchTopK's."""
 
-    def __init__(self, k: int, sync: Sync):
-        super().__init__(k)
+    def __init__(self, k: int, per_row_batches: int, sync: Sync):
+        super().__init__(k, per_row_batches)
         self.sync = sync
 
     def training_indices(self, pre: Tensor) -> Tensor:
-        return self.sync.batch_topk(pre.reshape(-1), self.k * pre.shape[0] * self.sync.world)
+        flat = pre.reshape(-1)
+        batch_wide = self.sync.batch_topk(flat, self.k * pre.shape[0] * self.sync.world)
+        if self._per_row():   # per row, as one process does; the cutoff it learns is the global one
+            self._cut = flat[batch_wide].min() if len(batch_wide) else flat.new_tensor(float("inf"))
+            return row_topk_indices(pre, self.k)
+        return batch_wide

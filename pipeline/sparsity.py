@@ -111,13 +111,21 @@ class BatchTopK(nn.Module):
     @torch.no_grad()
     def observe(self, vals: Tensor) -> None:
         """After a training batch: vals (nnz,) the kept activations. Updates the threshold; no host sync."""
-        if self._cut is not None:      # a per-row batch: learn the cutoff BatchTopK would have used
-            vals, self._cut = self._cut.reshape(1), None
+        vals = self.batch_min(vals)
         if len(vals):
             n = self.updates.double()
             decay = torch.clamp(n / (10 + n), max=THRESHOLD_DECAY).to(self.threshold.dtype)
-            self.threshold.copy_(self.threshold * decay + (1 - decay) * vals.min())
+            self.threshold.copy_(self.threshold * decay + (1 - decay) * vals[0])
             self.updates += 1
+
+    def batch_min(self, vals: Tensor) -> Tensor:
+        """What `observe` learns from a batch whose kept activations are `vals`: (1,) the batch-wide
+        cutoff (their smallest; in a per-row batch the cutoff the batch-wide rule would have used),
+        or (0,) when nothing was kept. Under torchrun the ranks take the minimum of theirs."""
+        if self._cut is not None:      # a per-row batch
+            cut, self._cut = self._cut.reshape(1), None
+            return cut
+        return vals.min().reshape(1) if len(vals) else vals[:0]
 
     def spec(self) -> dict[str, Any]:
         """What the file metadata records: enough to rebuild the rule."""
