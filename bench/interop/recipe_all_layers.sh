@@ -62,4 +62,4 @@ step graphs run "$ct_python" bench/interop/attribution_graph.py --model "$model_
   --set "$work/circuit-tracer" --out "$work/graph" --max-feature-nodes "${MAX_FEATURE_NODES:-512}" "${prompt_args[@]}" | tee "$work/graph/scores.jsonl"
 
 if [ -z "${KEEP_STORE:-}" ]; then rm -rf "$work/store.zarr"; echo "deleted $work/store.zarr" >&2; fi
-echo "done: $work (times.tsv, fvu.tsv, graph/scores.jsonl); view: $ct_python bench/interop/serve_graph.py --graph $work/graph" >&2
+echo "done: $work (times.tsv, fvu.tsv, graph/scores.jsonl); view: bash bench/interop/viewer_libs.sh, then $ct_python bench/interop/serve_graph.py --graph $work/graph" >&2
