@@ -1,8 +1,9 @@
 """Several processes under torchrun (gloo, CPU, one thread per rank). Stage one: the stores several
 processes write equal the one-process store bit for bit, whatever the number of processes that made,
 resumed or repaired them; a killed rank, a second job and bad input each end in one line. Stage two:
-two ranks train the one-process transcoder within a measured tolerance, and a killed rank's job
-resumes bit for bit with two ranks and within the tolerance with one."""
+two ranks train the one-process transcoder within a measured tolerance, each rank reading only its
+own chunks, and a killed rank's job resumes bit for bit with two ranks and within the tolerance
+with one."""
 from __future__ import annotations
 
 import os
