@@ -4,10 +4,13 @@ alternating. Prints per run the whole command's wall time and the training loop'
 tokens/s metrics.jsonl logs, its first window left out: it holds the start-up), then the ratios
 of the medians. Each rank computes half of every batch, so with two free cores the loop could at
 best be twice as fast; what it loses is the per-step exchange (gradients: the whole model, every
-step) and each rank reading every chunk.
+step) and the rows of a rank's slice that another rank read (each rank reads its own chunks only).
 
     python bench/bench_dist_train.py --rounds 2 --store data/demo/gemma-3-270m_l6.zarr --steps 60
     python bench/bench_dist_train.py --exchange      # the per-step exchange alone, 2 ranks
+
+Each two-rank run also counts the chunks each rank read (the loader's TC_READ_LOG record) and
+prints the bytes per rank against the store's whole-pass read.
 """
 from __future__ import annotations
 
@@ -51,13 +54,19 @@ def exchange_worker(reps: int = 20) -> None:
 
     d, L, k, b = 640, 5120, 48, 512
     m = share_size(k * 2 * b, 2)
+    W = 2
+    mine = torch.randn(b, 2 * d).half()     # the fp16 source | target rows this rank read for the batch
+    got = torch.empty(b, 2 * d, dtype=torch.float16)
+    halves = [b // W] * W                    # a random slice: about 1/W of its rows from each rank
     grads = [torch.randn(L, d), torch.randn(L), torch.randn(L, d), torch.randn(d), torch.randn(d, d)]
     parts = {"gradients (5 tensors, 7.0M floats)": lambda: [dist.all_reduce(g) for g in grads],
              "BatchTopK cutoff (all-gather of each rank's share_size values)": lambda: dist.all_gather(
                  [torch.empty(m) for _ in range(2)], torch.randn(m)),
              "dead counters + threshold + checkpoint flag (max)": lambda: dist.all_reduce(
                  torch.zeros(L + 2), op=dist.ReduceOp.MAX),
-             "metrics (sum)": lambda: dist.all_reduce(torch.zeros(8 + d, dtype=torch.float64))}
+             "metrics (sum)": lambda: dist.all_reduce(torch.zeros(8 + d, dtype=torch.float64)),
+             "the loader's row exchange (all_to_all_single, 512 fp16 rows of 2 x 640, half to the other rank)":
+                 lambda: dist.all_to_all_single(got, mine, halves, halves)}
     for name, fn in parts.items():
         fn()
         dist.barrier()
@@ -68,6 +77,11 @@ def exchange_worker(reps: int = 20) -> None:
         if dist.get_rank() == 0:
             print(f"{name}: {ms:.2f} ms per step", flush=True)
     dist.destroy_process_group()
+
+
+def chunks_read(prefix: Path, world: int) -> list[int]:
+    """Chunks each rank read (one line per chunk in TC_READ_LOG's files)."""
+    return [len(Path(f"{prefix}.{r}").read_text().splitlines()) for r in range(world)]
 
 
 def main() -> None:
@@ -90,8 +104,12 @@ def main() -> None:
         for i in range(a.rounds):
             for name in wall:   # alternating, so a change in the machine's load hits both
                 out = tmp / f"{i}-{name.replace(' ', '-')}"
+                os.environ["TC_READ_LOG"] = str(out) + ".reads"
                 wall[name].append(timed([*launch(name), *train_args(a.store, a.steps, out)]))
                 rate[name].append(loop_rate(out))
+                if name == "two ranks":
+                    print(f"  chunks read per rank: {chunks_read(Path(str(out) + '.reads'), 2)} "
+                          f"(one process: {chunks_read(tmp / f'{i}-one-process.reads', 1)})", flush=True)
                 print(f"round {i}: {name}: {wall[name][-1]:.1f} s, loop {rate[name][-1]:,.0f} tokens/s "
                       f"({rate[name][-1] / 1024:.2f} steps/s)", flush=True)
                 shutil.rmtree(out)

@@ -19,7 +19,8 @@ float rounding differs from one process (sums in another order). The feature-sam
 each rank's own and are merged into rank 0's at every checkpoint and at the end.
 
 Tensor collectives go over NCCL when training on GPUs (a group of their own), else over the job's
-gloo group; pickled objects (a checkpoint, sample buffers) always over gloo.
+gloo group; pickled objects (a checkpoint, sample buffers) and the loader's exchange of rows (each
+rank reads only its own chunks) always over gloo.
 """
 from __future__ import annotations
 
@@ -47,6 +48,12 @@ class Sync:
     def _reduce(self, t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
         self.job._collective(lambda: dist.all_reduce(t, op=op, group=self.group))
         return t
+
+    def exchange_rows(self, out: Tensor, send: Tensor, out_splits: list[int], in_splits: list[int]) -> None:
+        """The loader's exchange of fp16 CPU rows (pipeline/loader.py `_Share`): each rank reads its
+        own chunks only and sends every other rank the rows of its slice they hold. Over gloo (the
+        job's default group: all_to_all_single takes uneven splits there), from the training thread."""
+        self.job._collective(lambda: dist.all_to_all_single(out, send, out_splits, in_splits))
 
     # -- the step
 

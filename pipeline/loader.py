@@ -12,14 +12,16 @@ yields exactly the batches an uninterrupted one would have yielded next.
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from pipeline.store import Store
@@ -41,6 +43,19 @@ class _Group:
     target: np.ndarray   # (n, d) float16
     rows: np.ndarray     # (n,) int64 store row ids
     perm: np.ndarray     # (n_usable,) shuffled indices into the arrays above (usable rows only)
+    owner: np.ndarray | None = None   # (n,) the rank that read each row (its rows only are filled)
+
+
+@dataclass
+class _Share:
+    """One rank's part of a global batch before the exchange (pipeline/ddp.py `Sync.exchange_rows`):
+    the rows of its own chunks that each rank's slice needs, grouped by that rank, and where the
+    rows it receives go in its slice."""
+    send: np.ndarray         # (n_send, 2d) float16, source | target, in batch order
+    send_splits: list[int]   # rows for rank 0, 1, ...
+    recv_splits: list[int]   # rows from rank 0, 1, ...
+    order: np.ndarray        # (b,) slice position of each received row
+    rows: np.ndarray         # (b,) int64 store rows of the slice (from metadata)
 
 
 def epoch_chunk_order(seed: int, n_chunks: int, epoch: int) -> np.ndarray:
@@ -133,19 +148,37 @@ class _Background:
         self.close()
 
 
+def owners(n_chunks: int, world: int) -> np.ndarray:
+    """The rank that reads each chunk of a group, by its place in the group: the ranks' shares of a
+    group differ by at most one chunk."""
+    return np.arange(n_chunks) % world
+
+
+def read_log(rank: int, epoch: int, gi: int, chunks: Iterable[int]) -> None:
+    """TC_READ_LOG=PREFIX: each rank appends `epoch group chunk` per chunk it reads to PREFIX.RANK
+    (a debug record: the tests check the ranks' reads are disjoint and cover every group)."""
+    prefix = os.environ.get("TC_READ_LOG")
+    if prefix:
+        with open(f"{prefix}.{rank}", "a") as f:
+            f.writelines(f"{epoch} {gi} {int(c)}\n" for c in chunks)
+
+
 class ChunkLoader(_Background):
     """Iterate to get `Batch`es forever; `position` is what a checkpoint needs; call `close()`.
 
     `share=(rank, world)`: one rank of a job of `world` (docs/distributed.md): the stream and its
     batches of `batch_size` rows are the single-process ones, and this loader hands out rows
     [rank*b, (rank+1)*b) of each, b = batch_size / world; `position` still counts the whole
-    batches' rows, so it means the same for any world size."""
+    batches' rows, so it means the same for any world size. Each rank reads only its own chunks of
+    each group (`owners`); the rows of its slice in other ranks' chunks come through `exchange`
+    (all_to_all_single's signature: out, in, out_splits, in_splits), called from `next()` so that
+    it runs in the caller's thread, in step with the other ranks' training collectives."""
 
     def __init__(self, store: Store, batch_size: int, *, seed: int = 0, position: int = 0,
                  group_chunks: int = DEFAULT_GROUP_CHUNKS, include_bos: bool = False,
                  include_outliers: bool = False,
                  norm: dict | None = None, device: str | torch.device = "cpu", prefetch_batches: int = 4,
-                 share: tuple[int, int] = (0, 1)):
+                 share: tuple[int, int] = (0, 1), exchange: Callable | None = None):
         self.store = store
         self.batch_size = int(batch_size)
         rank, world = share
@@ -153,6 +186,8 @@ class ChunkLoader(_Background):
             raise UserError(f"--batch-size {self.batch_size} does not divide among {world} processes: pick a "
                             f"multiple of {world}")
         self.rank_rows = (rank * self.batch_size // world, (rank + 1) * self.batch_size // world)
+        self.rank, self.world = rank, world
+        self.exchange = exchange or dist.all_to_all_single
         self.seed = int(seed)
         self.group_chunks = max(1, int(group_chunks))
         self.device = torch.device(device)
@@ -187,12 +222,25 @@ class ChunkLoader(_Background):
     # -- reading
 
     def _read_group(self, epoch: int, gi: int, chunks: np.ndarray) -> _Group:
-        """Read whole chunks concurrently into one buffer; shuffle the usable rows' indices."""
-        parts = list(self._pool.map(self.store.read_chunk, [int(c) for c in chunks]))
-        source = np.concatenate([p.source for p in parts])
-        target = np.concatenate([p.target for p in parts])
-        rows = np.concatenate([np.arange(p.start, p.start + len(p.tokens), dtype=np.int64) for p in parts])
-        return _Group(source, target, rows, group_perm(self.usable_mask, rows, self.seed, epoch, gi))
+        """Read this rank's whole chunks of the group concurrently into one buffer (the others' rows
+        are left unfilled); shuffle the usable rows' indices (row ids come from the store's layout)."""
+        ranges = [self.store.chunk_range(int(c)) for c in chunks]
+        sizes = [b - a for a, b in ranges]
+        owner = np.repeat(owners(len(chunks), self.world), sizes)
+        mine = [j for j in range(len(chunks)) if j % self.world == self.rank]
+        read_log(self.rank, epoch, gi, chunks[mine])
+        parts = self._pool.map(self.store.read_chunk, [int(chunks[j]) for j in mine])
+        if self.world == 1:
+            parts = list(parts)
+            source, target = np.concatenate([p.source for p in parts]), np.concatenate([p.target for p in parts])
+        else:
+            n, starts = sum(sizes), np.concatenate([[0], np.cumsum(sizes)])
+            source = np.empty((n, self.store.d_model), np.float16)
+            target = np.empty((n, self.store.d_model), np.float16)
+            for j, p in zip(mine, parts):
+                source[starts[j]:starts[j + 1]], target[starts[j]:starts[j + 1]] = p.source, p.target
+        rows = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in ranges])
+        return _Group(source, target, rows, group_perm(self.usable_mask, rows, self.seed, epoch, gi), owner)
 
     def _groups_from(self, epoch: int, gi: int) -> Iterator[_Group]:
         """Groups in stream order from (epoch, gi) on, the next one read while this one is used."""
@@ -222,8 +270,8 @@ class ChunkLoader(_Background):
             self._put(e)
 
     def _make_batch(self, pieces: list[tuple[_Group, np.ndarray]]):
-        if self.rank_rows != (0, self.batch_size):
-            pieces = slice_pieces(pieces, *self.rank_rows)
+        if self.world > 1:
+            return self._share(pieces)
         src = np.concatenate([g.source[i] for g, i in pieces])   # (B, d) fp16, in-memory gather
         tgt = np.concatenate([g.target[i] for g, i in pieces])
         rows = np.concatenate([g.rows[i] for g, i in pieces])
@@ -232,6 +280,30 @@ class ChunkLoader(_Background):
             # fp16 in pinned memory; the consumer copies it non-blocking and converts on the GPU
             return src_t.pin_memory(), tgt_t.pin_memory(), rows_t.pin_memory()
         return self._normalize(src_t, tgt_t) + (rows_t,)
+
+    def _share(self, pieces: list[tuple[_Group, np.ndarray]]) -> _Share:
+        """What this rank sends and receives of the global batch `pieces`: row p of the batch is in
+        rank p // b's slice and was read by the rank that owns its chunk."""
+        b = self.batch_size // self.world
+        owner = np.concatenate([g.owner[i] for g, i in pieces])                 # (B,)
+        mine = [(g, i[g.owner[i] == self.rank]) for g, i in pieces]
+        send = np.concatenate([np.concatenate([g.source[i], g.target[i]], axis=1) for g, i in mine])
+        dest = np.flatnonzero(owner == self.rank) // b   # ascending: grouped by destination already
+        lo, hi = self.rank_rows
+        rows = np.concatenate([g.rows[i] for g, i in slice_pieces(pieces, lo, hi)])
+        return _Share(send, np.bincount(dest, minlength=self.world).tolist(),
+                      np.bincount(owner[lo:hi], minlength=self.world).tolist(),
+                      np.argsort(owner[lo:hi], kind="stable"), rows)
+
+    def _exchanged(self, share: _Share) -> tuple[Tensor, Tensor, Tensor]:
+        """This rank's slice from the exchange: fp16 source and target in slice order, and its rows."""
+        got = torch.empty((len(share.order), share.send.shape[1]), dtype=torch.float16)
+        self.exchange(got, torch.from_numpy(share.send), share.recv_splits, share.send_splits)
+        both = torch.empty_like(got)
+        both[torch.from_numpy(share.order)] = got
+        d = both.shape[1] // 2
+        src, tgt, rows = both[:, :d].contiguous(), both[:, d:].contiguous(), torch.from_numpy(share.rows)
+        return (src, tgt, rows) if self.device.type == "cuda" else self._normalize(src, tgt) + (rows,)
 
     # -- normalisation
 
@@ -264,6 +336,8 @@ class ChunkLoader(_Background):
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
+        if isinstance(item, _Share):
+            item = self._exchanged(item)
         src, tgt, rows = item
         if self.device.type == "cuda":
             src = src.to(self.device, non_blocking=True)

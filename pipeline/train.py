@@ -548,7 +548,8 @@ def train_job(cfg: TrainConfig, given: set[str] | None, collector_factory: Colle
         live = start_live(setup, device, collector_factory, Sync(job, device))
         loader = ChunkLoader(store, cfg.batch_size, seed=cfg.seed, position=live.position,
                              norm=norm_constants(store.stats()), device=device, include_bos=cfg.include_bos,
-                             include_outliers=cfg.include_outliers, share=(job.rank, job.world))
+                             include_outliers=cfg.include_outliers, share=(job.rank, job.world),
+                             exchange=live.sync.exchange_rows)
         try:
             train_loop(live, loader)
         finally:

@@ -1,8 +1,9 @@
 """Several processes under torchrun (gloo, CPU, one thread per rank). Stage one: the stores several
 processes write equal the one-process store bit for bit, whatever the number of processes that made,
 resumed or repaired them; a killed rank, a second job and bad input each end in one line. Stage two:
-two ranks train the one-process transcoder within a measured tolerance, and a killed rank's job
-resumes bit for bit with two ranks and within the tolerance with one."""
+two ranks train the one-process transcoder within a measured tolerance, each rank reading only its
+own chunks, and a killed rank's job resumes bit for bit with two ranks and within the tolerance
+with one."""
 from __future__ import annotations
 
 import os
@@ -262,8 +263,9 @@ def trained(train_store, tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("trained")
     one, two = base / "one", base / "two"
     train_inproc([*TRAIN_ARGS, "--cache", str(train_store), "--out", str(one)])
-    r = torchrun(2, [*TRAIN_ARGS, "--cache", str(train_store), "--out", str(two)])
+    r = torchrun(2, [*TRAIN_ARGS, "--cache", str(train_store), "--out", str(two)], TC_READ_LOG=str(base / "reads"))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert_own_reads(base / "reads", 2, 0, Store(train_store).n_chunks)
     assert r.stdout.count("training ") == 1 and r.stdout.count("done: ") == 1, r.stdout   # rank 0 speaks
     return one, two
 
@@ -293,6 +295,73 @@ def test_a_killed_rank_resumes_identically_with_any_world_size(trained, train_st
     train_inproc(["train", "--resume", str(other)])   # one process finishes a two-rank run
     assert_close_runs(whole, other)
     assert_close_runs(one, other)
+
+
+def assert_own_reads(prefix: Path, world: int, seed: int, n_chunks: int) -> None:
+    """The ranks' chunk reads (TC_READ_LOG) never overlap, are balanced, and together are each group
+    they read (all but the last one: reading ahead may stop at different places on different ranks)."""
+    from pipeline.loader import epoch_groups
+
+    reads: dict[tuple[int, int], list[list[int]]] = {}
+    for rank in range(world):
+        for line in Path(f"{prefix}.{rank}").read_text().splitlines():
+            epoch, gi, c = map(int, line.split())
+            reads.setdefault((epoch, gi), [[] for _ in range(world)])[rank].append(c)
+    keys = sorted(reads)
+    assert len(keys) >= 2
+    for key in keys:
+        every = [c for rank in reads[key] for c in rank]
+        assert len(every) == len(set(every)), (key, reads[key])         # no chunk read twice
+        assert all(len(rank) <= -(-len(every) // world) for rank in reads[key])   # balanced
+    for key in keys[:-1]:
+        group = epoch_groups(seed, n_chunks, 8, key[0])[key[1]]
+        assert sorted(c for rank in reads[key] for c in rank) == sorted(group.tolist()), key
+
+
+def test_each_rank_reads_only_its_chunks_and_gets_the_one_process_slice(train_store, tmp_path, monkeypatch):
+    """Ranks as threads of this process, their exchange a stand-in for all_to_all_single: each
+    rank's batches are exactly its rows of the one-process batches (bit for bit, in order), from
+    reads that are disjoint and cover each group."""
+    import threading
+
+    import torch
+
+    from pipeline.loader import ChunkLoader
+
+    store, batch, steps = Store(train_store), 96, 60   # 60 x 96 rows: 1.4 passes, batches straddle groups
+    with ChunkLoader(store, batch, seed=3) as one:
+        whole = [next(one) for _ in range(steps)]
+    for world in (2, 3):
+        prefix = tmp_path / f"reads-{world}"
+        monkeypatch.setenv("TC_READ_LOG", str(prefix))
+        box: list = [None] * world
+        meet = threading.Barrier(world)
+        got: list = [None] * world
+
+        def exchange(rank, out, send, out_splits, in_splits):
+            box[rank] = send.split(in_splits)
+            meet.wait()
+            out.copy_(torch.cat([box[src][rank] for src in range(world)]))
+            meet.wait()
+
+        def rank_run(rank):
+            with ChunkLoader(store, batch, seed=3, share=(rank, world),
+                             exchange=lambda *a: exchange(rank, *a)) as mine:
+                got[rank] = [next(mine) for _ in range(steps)]
+
+        threads = [threading.Thread(target=rank_run, args=(r,)) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        b = batch // world
+        for rank in range(world):
+            assert len(got[rank]) == steps
+            for ref, mine in zip(whole, got[rank]):
+                lo, hi = rank * b, (rank + 1) * b
+                assert torch.equal(mine.rows, ref.rows[lo:hi]) and torch.equal(mine.x, ref.x[lo:hi])
+                assert torch.equal(mine.y, ref.y[lo:hi])
+        assert_own_reads(prefix, world, 3, store.n_chunks)
 
 
 def test_a_set_or_a_batch_that_does_not_divide_is_refused_under_torchrun(train_store, tmp_path):
