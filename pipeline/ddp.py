@@ -87,25 +87,21 @@ class Sync:
         self.job._collective(lambda: dist.all_gather(every, mine, group=self.group))
         return torch.stack(every)
 
-    def train_step(self, model: Any, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, lr: float,
-                   due: bool) -> tuple[Any, Any, bool]:
-        """train.train_step on this rank's slice, agreed with the others. Returns this rank's output
-        (for its samples), the global batch's metrics as an output, and whether a checkpoint is due."""
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        out = model(x, y, update_stats=False)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+    def reduce_grads(self, model: Any) -> None:
+        """Every parameter's gradient, summed over the ranks and divided by their number (each loss
+        term is a mean over this rank's equal slice, so that is the global batch's gradient)."""
         for p in model.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             self._reduce(p.grad).div_(self.world)
-        model.project_decoder_grad()
-        optimizer.step()
-        model.normalize_decoder()
-        with torch.no_grad():
-            due = self._update_stats(model, out, x.shape[0] * self.world, due)
-            return out, self._global_metrics(out, y), due
+
+    @torch.no_grad()
+    def agree(self, model: Any, out: Any, y: Tensor, due: bool) -> tuple[Any, bool]:
+        """After train.train_step on this rank's slice: the dead counters and threshold learnt from
+        the global batch; returns the global batch's metrics as an output, and whether a checkpoint
+        is due on any rank."""
+        due = self._update_stats(model, out, y.shape[0] * self.world, due)
+        return self._global_metrics(out, y), due
 
     def _update_stats(self, model: Any, out: Any, batch: int, due: bool) -> bool:
         """Transcoder._update_stats over the global batch, in one MAX reduction (the checkpoint flag with it)."""

@@ -182,9 +182,8 @@ class ChunkLoader(_Background):
         self.store = store
         self.batch_size = int(batch_size)
         rank, world = share
-        if self.batch_size % world:
-            raise UserError(f"--batch-size {self.batch_size} does not divide among {world} processes: pick a "
-                            f"multiple of {world}")
+        if self.batch_size % world:   # train.job_plan refuses such a --batch-size in one line first
+            raise ValueError(f"batch_size {self.batch_size} does not divide among {world} ranks")
         self.rank_rows = (rank * self.batch_size // world, (rank + 1) * self.batch_size // world)
         self.rank, self.world = rank, world
         self.exchange = exchange or dist.all_to_all_single

@@ -13,6 +13,7 @@ the schedule depends on the total.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -452,13 +453,17 @@ def make_optimizer(model: Transcoder, lr: float, device: torch.device) -> torch.
 
 
 def train_step(model: Transcoder, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               lr: float) -> TranscoderOutput:
-    """One optimiser step on a normalised batch; decoder rows stay unit norm."""
+               lr: float, sync: Sync | None = None) -> TranscoderOutput:
+    """One optimiser step on a normalised batch; decoder rows stay unit norm. Under torchrun
+    (`sync`) the gradients are the job's, and the dead counters and threshold are left to
+    `sync.agree`, which learns them from the whole job's batch."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    out = model(x, y)
+    out = model(x, y, update_stats=None if sync is None else False)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
+    if sync is not None:
+        sync.reduce_grads(model)
     model.project_decoder_grad()
     optimizer.step()
     model.normalize_decoder()
@@ -529,8 +534,6 @@ def job_plan(cfg: TrainConfig, given: set[str] | None, world: int) -> tuple | No
 
 
 def train_job(cfg: TrainConfig, given: set[str] | None, collector_factory: CollectorFactory, job: dist.Job) -> Path:
-    import contextlib
-
     plan = job.on_main(lambda: job_plan(cfg, given, job.world))
     if plan is None:
         return Path(cfg.resume)
@@ -688,10 +691,11 @@ def advance(live: Live, batch: Any, position: int) -> dict[str, Any] | None:
     cfg, setup = live.setup.cfg, live.setup
     lr = lr_at(live.step, live.total, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
     due = bool(cfg.checkpoint_minutes) and time.monotonic() - live.last_saved >= 60 * cfg.checkpoint_minutes
-    if live.sync is not None:   # this rank's slice; the metrics and the decision are the job's
-        out, shown, due = live.sync.train_step(live.model, live.optimizer, batch.x, batch.y, lr, due)
-    else:
+    if live.sync is None:
         out = shown = train_step(live.model, live.optimizer, batch.x, batch.y, lr)
+    else:   # this rank's slice; the metrics and the decision are the job's
+        out = train_step(live.model, live.optimizer, batch.x, batch.y, lr, sync=live.sync)
+        shown, due = live.sync.agree(live.model, out, batch.y, due)
     live.step += 1
     step, model = live.step, live.model
     live.metrics.add(shown, cfg.batch_size)
