@@ -3,22 +3,34 @@
     python bench/step_floor.py                    # d 640, 5,120 latents, k 48, batch 1,024 (the demo's shape)
     python bench/step_floor.py --d 2304 --dict-size 18432 --repeats 5
     python bench/step_floor.py --threads 1 --clock cpu   # on a shared machine: this process's CPU time
+    python bench/step_floor.py --threads 1 --clock cpu --base /tmp/old   # against another tc tree, alternating
 
 In one process, alternating: the encoder matmul alone (batch x d times d x latents, no autograd),
 and whole `train_step`s of the default transcoder (Matryoshka groups 1/8, 1/4, 1/2, 1/8, skip
-path) on rows drawn from a fixed random sparse code, first with no dead latents (AuxK idle), then
-with a given share marked dead (AuxK working on them). Prints medians and the ratios step / matmul.
+path; `--no-skip` without it) on rows drawn from a fixed random sparse code, first with no dead
+latents (AuxK idle), then with a given share marked dead (AuxK working on them). The rule starts
+past BatchTopK's per-row first batches (a run's first 30 steps), so every step measured is a
+batch-wide one. Prints medians and the ratios step / matmul. `--base SRC`: the same measurement
+run in subprocesses alternating between SRC (a folder holding another `pipeline/`, e.g. a `git
+archive` of an older commit) and this tree, `--rounds` times each; prints both sides' medians.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from pipeline.train import default_groups, make_optimizer, train_step
 from pipeline.transcoder import Transcoder
+
+CASES = ("matmul", "step", "step_dead")
 
 
 def timed(fn, repeats: int, clock=time.perf_counter) -> float:
@@ -40,24 +52,13 @@ def rows(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return code @ torch.randn(feats, d, generator=g), code @ torch.randn(feats, d, generator=g)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--d", type=int, default=640)
-    p.add_argument("--dict-size", type=int, default=5120)
-    p.add_argument("--k", type=int, default=48)
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--dead-share", type=float, default=0.2, help="latents marked dead for the AuxK case")
-    p.add_argument("--aux-k", type=int, default=512, help="AuxK's dead latents per row (tc train --aux-k)")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="wall time, or this process's CPU time: steadier when other jobs share the cores "
-                        "(with one thread; several threads' spinning would count)")
-    a = p.parse_args()
+def measure(a: argparse.Namespace) -> dict[str, float]:
+    """Median ms of each case, alternating three times."""
     if a.threads:
         torch.set_num_threads(a.threads)
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
-    model = Transcoder(a.d, a.d, default_groups(a.dict_size), a.k, seed=0, skip=True, aux_k=a.aux_k)
+    model = Transcoder(a.d, a.d, default_groups(a.dict_size), a.k, seed=0, skip=not a.no_skip, aux_k=a.aux_k)
+    model.sparsity.updates.fill_(model.sparsity.per_row_batches)   # past the per-row start
     opt = make_optimizer(model, 1e-4, torch.device("cpu"))
     x, y = rows(a.batch_size, a.d)
     x, y = (x - x.mean(0)) / x.std(), (y - y.mean(0)) / y.std()
@@ -73,16 +74,67 @@ def main() -> None:
         model.tokens_since_fired[: int(a.dead_share * a.dict_size)] = 10 ** 12   # counted dead, AuxK on them
         train_step(model, opt, x, y, 1e-4)
 
-    results = {name: [] for name in ("matmul", "step", "step_dead")}
+    results = {name: [] for name in CASES}
     for _ in range(3):   # alternate, so drifting load hits every measurement alike
-        for name, fn in (("matmul", matmul), ("step", step), ("step_dead", step_dead)):
+        for name, fn in zip(CASES, (matmul, step, step_dead)):
             results[name].append(timed(fn, a.repeats, clock))
-    ms = {k: statistics.median(v) for k, v in results.items()}
+    return {k: statistics.median(v) for k, v in results.items()}
+
+
+def report(a: argparse.Namespace, ms: dict[str, float], label: str = "") -> None:
+    print(f"{label}encoder matmul alone        {ms['matmul']:8.1f} ms")
+    print(f"{label}step, no dead latents       {ms['step']:8.1f} ms   {ms['step'] / ms['matmul']:.2f}x the matmul")
+    print(f"{label}step, {a.dead_share:.0%} latents dead     {ms['step_dead']:8.1f} ms   "
+          f"{ms['step_dead'] / ms['matmul']:.2f}x the matmul")
+
+
+def against_base(a: argparse.Namespace, argv: list[str]) -> None:
+    """Alternating subprocesses: SRC's pipeline, then this tree's, `rounds` times."""
+    here = str(Path(__file__).resolve().parents[1])
+    trees = {"base": str(Path(a.base).resolve()), "this": here}
+    runs = {name: [] for name in trees}
+    for _ in range(a.rounds):
+        for name, src in trees.items():
+            env = {**os.environ, "PYTHONPATH": src}
+            out = subprocess.run([sys.executable, __file__, *argv, "--json"], env=env, cwd=here,
+                                 check=True, capture_output=True, text=True).stdout
+            runs[name].append(json.loads(out.splitlines()[-1]))
+            print(name, {k: round(v, 1) for k, v in runs[name][-1].items()}, flush=True)
+    for name, got in runs.items():
+        ms = {k: statistics.median(r[k] for r in got) for k in CASES}
+        report(a, ms, f"{name:5s} ")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--d", type=int, default=640)
+    p.add_argument("--dict-size", type=int, default=5120)
+    p.add_argument("--k", type=int, default=48)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--dead-share", type=float, default=0.2, help="latents marked dead for the AuxK case")
+    p.add_argument("--aux-k", type=int, default=512, help="AuxK's dead latents per row (tc train --aux-k)")
+    p.add_argument("--no-skip", action="store_true", help="the transcoder without the skip path")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall time, or this process's CPU time: steadier when other jobs share the cores "
+                        "(with one thread; several threads' spinning would count)")
+    p.add_argument("--base", default=None, help="another tc tree to measure against, alternating")
+    p.add_argument("--rounds", type=int, default=3, help="with --base: subprocess runs of each tree")
+    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)   # one line of medians (for --base)
+    a = p.parse_args()
+    if a.base:
+        argv = sys.argv[1:]
+        i = argv.index("--base")
+        against_base(a, argv[:i] + argv[i + 2:])
+        return
+    ms = measure(a)
+    if a.json:
+        print(json.dumps(ms))
+        return
     print(f"d {a.d}, {a.dict_size} latents, k {a.k}, batch {a.batch_size}, {torch.get_num_threads()} threads, "
-          f"{a.clock} clock, aux_k {a.aux_k}")
-    print(f"encoder matmul alone        {ms['matmul']:8.1f} ms")
-    print(f"step, no dead latents       {ms['step']:8.1f} ms   {ms['step'] / ms['matmul']:.2f}x the matmul")
-    print(f"step, {a.dead_share:.0%} latents dead     {ms['step_dead']:8.1f} ms   {ms['step_dead'] / ms['matmul']:.2f}x the matmul")
+          f"{a.clock} clock, aux_k {a.aux_k}, skip {not a.no_skip}")
+    report(a, ms)
 
 
 if __name__ == "__main__":
