@@ -12,7 +12,8 @@ latents (AuxK idle), then with a given share marked dead (AuxK working on them).
 past BatchTopK's per-row first batches (a run's first 30 steps), so every step measured is a
 batch-wide one. Prints medians and the ratios step / matmul. `--base SRC`: the same measurement
 run in subprocesses alternating between SRC (a folder holding another `pipeline/`, e.g. a `git
-archive` of an older commit) and this tree, `--rounds` times each; prints both sides' medians.
+archive` of an older commit) and this tree, `--rounds` times each; prints both sides' medians. `--pieces`: per-piece timers inside
+steps instead (where a step goes).
 """
 from __future__ import annotations
 
@@ -27,10 +28,17 @@ from pathlib import Path
 
 import torch
 
+from pipeline import sparsity, transcoder
 from pipeline.train import default_groups, make_optimizer, train_step
 from pipeline.transcoder import Transcoder
 
 CASES = ("matmul", "step", "step_dead")
+# what --pieces times inside a step: (module or class, function names); names a tree lacks are skipped
+PIECES = [(transcoder.Transcoder, ["_pre", "_select", "_aux_loss", "bias", "project_decoder_grad",
+                                   "normalize_decoder", "_update_stats"]),
+          (sparsity, ["batch_topk_indices", "true_positions", "at_least"]),
+          (transcoder, ["stable_order"])]
+FUNCTIONS = ["SparseEncode", "SparseDecode", "PrefixMSE", "ColumnsEncode"]   # their forward and backward
 
 
 def timed(fn, repeats: int, clock=time.perf_counter) -> float:
@@ -81,6 +89,58 @@ def measure(a: argparse.Namespace) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in results.items()}
 
 
+def timing_pieces(clock, acc: dict[str, float]) -> None:
+    """Wrap each piece so its time (children included) adds up in acc[name]."""
+    def wrapped(name, fn):
+        def run(*args, **kw):
+            t0 = clock()
+            try:
+                return fn(*args, **kw)
+            finally:
+                acc[name] = acc.get(name, 0.0) + clock() - t0
+        return run
+    for owner, names in PIECES:
+        for name in names:
+            if hasattr(owner, name):
+                setattr(owner, name, wrapped(name, getattr(owner, name)))
+    for cls in FUNCTIONS:
+        cls = getattr(transcoder, cls, None)
+        for name in ("forward", "backward") if cls is not None else ():
+            setattr(cls, name, staticmethod(wrapped(f"{cls.__name__}.{name}", getattr(cls, name))))
+
+
+def pieces(a: argparse.Namespace) -> None:
+    """Where a step's time goes: each piece's median ms over `repeats` steps, after the optimiser step too."""
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
+    acc: dict[str, float] = {}
+    timing_pieces(clock, acc)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model = Transcoder(a.d, a.d, default_groups(a.dict_size), a.k, seed=0, skip=not a.no_skip, aux_k=a.aux_k)
+    model.sparsity.updates.fill_(model.sparsity.per_row_batches)
+    opt = make_optimizer(model, 1e-4, torch.device("cpu"))
+    step_fn = opt.step
+    opt.step = lambda *args, **kw: (acc.__setitem__("adam", acc.get("adam", 0.0) - clock()),
+                                    step_fn(*args, **kw), acc.__setitem__("adam", acc["adam"] + clock()))[1]
+    x, y = rows(a.batch_size, a.d)
+    x, y = (x - x.mean(0)) / x.std(), (y - y.mean(0)) / y.std()
+    for dead in (0.0, a.dead_share):
+        per: dict[str, list[float]] = {}
+        total = []
+        for i in range(a.repeats + 1):
+            model.tokens_since_fired[: int(dead * a.dict_size)] = 10 ** 12
+            acc.clear()
+            t0 = clock()
+            train_step(model, opt, x, y, 1e-4)
+            if i:   # the first one warms up
+                total.append((clock() - t0) * 1000)
+                for name, s in acc.items():
+                    per.setdefault(name, []).append(s * 1000)
+        print(f"step with {dead:.0%} dead: {statistics.median(total):.1f} ms; pieces (nested ones inside their callers):")
+        for name, ms in sorted(per.items(), key=lambda kv: -statistics.median(kv[1])):
+            print(f"  {name:34s} {statistics.median(ms):7.2f} ms")
+
+
 def report(a: argparse.Namespace, ms: dict[str, float], label: str = "") -> None:
     print(f"{label}encoder matmul alone        {ms['matmul']:8.1f} ms")
     print(f"{label}step, no dead latents       {ms['step']:8.1f} ms   {ms['step'] / ms['matmul']:.2f}x the matmul")
@@ -103,6 +163,8 @@ def against_base(a: argparse.Namespace, argv: list[str]) -> None:
     for name, got in runs.items():
         ms = {k: statistics.median(r[k] for r in got) for k in CASES}
         report(a, ms, f"{name:5s} ")
+        ratios = [f"{statistics.median(r[k] / r['matmul'] for r in got):.2f}x" for k in CASES[1:]]
+        print(f"{name:5s} median of the runs' own ratios: step {ratios[0]}, step with dead latents {ratios[1]}")
 
 
 def main() -> None:
@@ -121,12 +183,16 @@ def main() -> None:
                         "(with one thread; several threads' spinning would count)")
     p.add_argument("--base", default=None, help="another tc tree to measure against, alternating")
     p.add_argument("--rounds", type=int, default=3, help="with --base: subprocess runs of each tree")
+    p.add_argument("--pieces", action="store_true", help="time the pieces of a step instead (per-piece timers)")
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)   # one line of medians (for --base)
     a = p.parse_args()
     if a.base:
         argv = sys.argv[1:]
         i = argv.index("--base")
         against_base(a, argv[:i] + argv[i + 2:])
+        return
+    if a.pieces:
+        pieces(a)
         return
     ms = measure(a)
     if a.json:
