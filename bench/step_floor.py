@@ -13,7 +13,7 @@ past BatchTopK's per-row first batches (a run's first 30 steps), so every step m
 batch-wide one. Prints medians and the ratios step / matmul. `--base SRC`: the same measurement
 run in subprocesses alternating between SRC (a folder holding another `pipeline/`, e.g. a `git
 archive` of an older commit) and this tree, `--rounds` times each; prints both sides' medians. `--pieces`: per-piece timers inside
-steps instead (where a step goes).
+steps instead (where a step goes); `--floors`: each piece a step cannot drop, timed alone.
 """
 from __future__ import annotations
 
@@ -141,6 +141,62 @@ def pieces(a: argparse.Namespace) -> None:
             print(f"  {name:34s} {statistics.median(ms):7.2f} ms")
 
 
+def floors(a: argparse.Namespace) -> None:
+    """Each piece a step cannot drop, alone, on a real step's tensors: what is left for the 1.5x target."""
+    from pipeline.transcoder import per_sample_weight_grad, segment_offsets
+    import torch.nn.functional as F
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
+    model = Transcoder(a.d, a.d, default_groups(a.dict_size), a.k, seed=0, skip=not a.no_skip, aux_k=a.aux_k)
+    model.sparsity.updates.fill_(model.sparsity.per_row_batches)
+    opt = make_optimizer(model, 1e-4, torch.device("cpu"))
+    x, y = rows(a.batch_size, a.d)
+    x, y = (x - x.mean(0)) / x.std(), (y - y.mean(0)) / y.std()
+    train_step(model, opt, x, y, 1e-4)                      # gradients and Adam state in place
+    B, L = a.batch_size, a.dict_size
+    with torch.no_grad():
+        pre = model._pre(x)
+        rows_, cols = model._select(pre, use_threshold=False)
+        vals = pre[rows_, cols]
+        flat = pre.reshape(-1)
+        cut = flat.index_select(0, batch_topk(flat, a.k * B)).min()
+    bags = model.group_of(cols) * B + rows_
+    offsets = segment_offsets(bags, len(model.groups) * B)
+    order = torch.sort(cols.to(torch.int32), stable=True).indices
+    col_offsets = segment_offsets(cols[order], L)
+    w_dec, grad_out = model.W_dec.detach(), torch.randn(len(model.groups) * B, a.d)
+    mask = torch.empty(flat.numel(), dtype=torch.bool)
+    n_params = sum(p.numel() for p in model.parameters())
+    pieces = {
+        "encoder matmul (the floor)": lambda: torch.addmm(model.b_enc.detach(), x, model.W_enc.detach().t()),
+        f"Adam, fused, {n_params / 1e6:.1f}M parameters": opt.step,
+        "one pass over a copy of the parameters": lambda: torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+        "selection: compare pass over B x L": lambda: sparsity.at_least(flat, cut, mask)
+        if hasattr(sparsity, "at_least") else torch.ge(flat, cut, out=mask),
+        "selection: whole batch_topk_indices": lambda: batch_topk(flat, a.k * B),
+        "decode forward (embedding bag)": lambda: F.embedding_bag(cols, w_dec, offsets, mode="sum", per_sample_weights=vals),
+        "decode: activation gradients": lambda: per_sample_weight_grad(grad_out, w_dec, cols, bags, offsets),
+        "decode: W_dec gradient (embedding bag)": lambda: F.embedding_bag(bags[order], grad_out, col_offsets, mode="sum",
+                                                                          per_sample_weights=vals[order]),
+        "encode: W_enc gradient (embedding bag)": lambda: F.embedding_bag(rows_[order], x, col_offsets, mode="sum",
+                                                                          per_sample_weights=vals[order]),
+        "decoder projection": model.project_decoder_grad,
+        "decoder renormalisation": model.normalize_decoder,
+    }
+    if model.skip:
+        w_skip = model.W_skip.detach()
+        pieces["skip path: forward matmul"] = lambda: torch.addmm(model.b_dec.detach(), x, w_skip.t())
+        pieces["skip path: W_skip gradient matmul"] = lambda: grad_out[:B].t() @ x
+    print(f"pieces alone ({len(cols)} active pairs, {torch.get_num_threads()} threads, {a.clock} clock):")
+    for name, fn in pieces.items():
+        print(f"  {name:42s} {timed(fn, a.repeats, clock):7.2f} ms")
+
+
+def batch_topk(flat: torch.Tensor, n_keep: int) -> torch.Tensor:
+    return sparsity.batch_topk_indices(flat, n_keep)
+
+
 def report(a: argparse.Namespace, ms: dict[str, float], label: str = "") -> None:
     print(f"{label}encoder matmul alone        {ms['matmul']:8.1f} ms")
     print(f"{label}step, no dead latents       {ms['step']:8.1f} ms   {ms['step'] / ms['matmul']:.2f}x the matmul")
@@ -184,6 +240,7 @@ def main() -> None:
     p.add_argument("--base", default=None, help="another tc tree to measure against, alternating")
     p.add_argument("--rounds", type=int, default=3, help="with --base: subprocess runs of each tree")
     p.add_argument("--pieces", action="store_true", help="time the pieces of a step instead (per-piece timers)")
+    p.add_argument("--floors", action="store_true", help="time each piece a step cannot drop, alone")
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)   # one line of medians (for --base)
     a = p.parse_args()
     if a.base:
@@ -191,8 +248,8 @@ def main() -> None:
         i = argv.index("--base")
         against_base(a, argv[:i] + argv[i + 2:])
         return
-    if a.pieces:
-        pieces(a)
+    if a.pieces or a.floors:
+        (pieces if a.pieces else floors)(a)
         return
     ms = measure(a)
     if a.json:
