@@ -14,8 +14,8 @@ from conftest import rewrite_as_tc_0_1_transcoder
 from pipeline.store import Store
 from pipeline.train import lr_at
 from pipeline import transcoder as transcoder_module
-from pipeline.sparsity import BatchTopK, batch_topk_indices, true_positions
-from pipeline.transcoder import PrefixMSE, Transcoder, norm_constants
+from pipeline.sparsity import BatchTopK, at_least, batch_topk_indices, true_positions
+from pipeline.transcoder import PrefixMSE, Transcoder, norm_constants, stable_order
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "transcoder.md"
 GROUPS = [16, 32, 64, 16]   # d_latent 128
@@ -80,6 +80,41 @@ def test_batch_topk_indices_is_exact():
     flat[::61] = 0.5
     got = batch_topk_indices(flat, 100)
     assert set(got.tolist()) == set(torch.topk(flat, 100).indices.tolist())
+
+
+def test_batch_topk_keeps_every_tie_at_the_cutoff_and_reuses_its_mask_buffer():
+    # 30 values tie at the cutoff: all kept, as `flat >= n_keep-th largest` keeps them
+    flat = torch.cat([torch.linspace(2, 3, 90), torch.full((30,), 1.5), -torch.rand(6000)])
+    flat = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))]
+    want = (flat >= 1.5).nonzero().squeeze(1)
+    assert torch.equal(batch_topk_indices(flat, 100), want)
+    # the rule's scratch mask is reused from batch to batch, resized when the batch changes
+    rule, g = BatchTopK(3, per_row_batches=0), torch.Generator().manual_seed(1)
+    for n in (64, 64, 40, 64):
+        pre = torch.randn(n, 128, generator=g)
+        assert torch.equal(rule.training_indices(pre), batch_topk_indices(pre.reshape(-1), 3 * n))
+
+
+def test_at_least_is_the_float_compare():
+    """The int32 bit-pattern compare equals flat >= cut for every non-NaN float and positive cut:
+    negatives, both zeros, subnormals, infinities, values equal to the cut."""
+    g = torch.Generator().manual_seed(0)
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -1e-40, 1e-45,
+                            torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max])
+    flat = torch.cat([torch.randn(4000, generator=g) * 3, special])
+    for cut in [0.7, 1e-40, torch.finfo(torch.float32).tiny, 2.5, float(flat.max())]:
+        cut = torch.tensor(cut)
+        flat_with_cut = torch.cat([flat, cut.reshape(1)])
+        assert torch.equal(at_least(flat_with_cut, cut), flat_with_cut >= cut), float(cut)
+        out = torch.empty(len(flat_with_cut), dtype=torch.bool)
+        assert at_least(flat_with_cut, cut, out) is out and torch.equal(out, flat_with_cut >= cut)
+    assert torch.equal(at_least(flat.double(), torch.tensor(0.7)), flat.double() >= 0.7)   # other dtypes
+
+
+def test_stable_order_is_a_stable_argsort():
+    ids = torch.randint(0, 50, (5000,), generator=torch.Generator().manual_seed(0))
+    want = np.argsort(ids.numpy(), kind="stable")
+    assert np.array_equal(stable_order(ids).numpy(), want)
 
 
 def test_true_positions_are_nonzero_of_the_mask():
@@ -368,9 +403,11 @@ def test_total_gradient_is_the_mean_of_the_prefix_gradients():
         torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_decoder_gradient_projection_removes_the_radial_part():
+@pytest.mark.parametrize("chunk", [transcoder_module.PROJECT_CHUNK, 48])   # 48: blocks of 128 rows, a short last one
+def test_decoder_gradient_projection_removes_the_radial_part(monkeypatch, chunk):
     """After project_decoder_grad, each decoder row's gradient is orthogonal to the row (a step cannot
     change its norm to first order), and the tangential part is left as it was."""
+    monkeypatch.setattr(transcoder_module, "PROJECT_CHUNK", chunk)
     m = make()
     x, y = batch()
     m(x, y, update_stats=False).loss.backward()
