@@ -157,8 +157,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
                               "hooks": store.hooks}
     train_store = run.training_store(store)   # the held-out text must avoid ITS text
 
-    def store_rows() -> dict[str, Any]:
-        rows = row_metrics(transcoder, store, cfg.rows, device, cfg.dense_threshold, cfg.include_bos, progress=progress)
+    def store_rows(stop: threading.Event) -> dict[str, Any]:
+        rows = row_metrics(transcoder, store, cfg.rows, device, cfg.dense_threshold, cfg.include_bos, progress=progress,
+                           stop=stop)
         rows["rows_are_training_rows"] = resolved(train_store.path) == resolved(store.path)
         return rows
 
@@ -178,20 +179,25 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
 
 
 class Background:
-    """fn() in a daemon thread, started at once; result() waits for it and raises what it raised.
-    A daemon thread, so an error or Ctrl-C in the main thread does not wait for it."""
+    """fn(stop) in a daemon thread, started at once; result() waits for it and raises what it
+    raised; stop() sets the Event fn was handed, for it to end early. A daemon thread, so Ctrl-C
+    in the main thread does not wait for it."""
 
-    def __init__(self, fn: Callable[[], Any]):
+    def __init__(self, fn: Callable[[threading.Event], Any]):
         self._out: Any = None
         self._error: BaseException | None = None
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
         self._thread.start()
 
-    def _run(self, fn: Callable[[], Any]) -> None:
+    def _run(self, fn: Callable[[threading.Event], Any]) -> None:
         try:
-            self._out = fn()
+            self._out = fn(self._stop)
         except BaseException as e:   # handed to the thread that asks for the result
             self._error = e
+
+    def stop(self) -> None:
+        self._stop.set()
 
     def result(self) -> Any:
         self._thread.join()
@@ -201,26 +207,32 @@ class Background:
 
 
 def rows_beside_model(cfg: EvalConfig, train_store: Store, stores: list[Store], device: str,
-                      rows: Callable[[], Any], progress: bool) -> tuple[str | None, Any, Any]:
-    """(model spec, loaded model, rows()): the model (None with --no-lm-loss) loaded while rows()
-    computes the store-row metrics in another thread.
+                      rows: Callable[[threading.Event], Any], progress: bool) -> tuple[str | None, Any, Any]:
+    """(model spec, loaded model, rows(stop)): the model (None with --no-lm-loss) loaded while
+    rows(stop) computes the store-row metrics in another thread.
 
     The load is mostly Python (imports, the bridge's setup) holding the GIL on one core; the row
     metrics are torch arithmetic that releases it, so on two cores they overlap (docs/benchmarks.md).
-    An unloadable model still fails at once (the rows are left to their daemon thread). Hugging Face sets
+    An unloadable model still fails at once (the rows are told to stop). Hugging Face sets
     torch's process-wide default dtype to the model's while it builds the model, so with a dtype
     other than the default (bfloat16 on GPU) the rows wait for the load instead.
     """
     if not cfg.lm_loss:
-        return None, None, rows()
+        return None, None, rows(threading.Event())
     from pipeline.models import default_dtype
 
     spec = cfg.model or train_store.attrs.get("model")
     status(f"eval: loading model {spec} on {device}", progress)
     dtype = model_dtype(cfg.dtype, device)
-    job = Background(rows) if (dtype or default_dtype(device)) == torch.get_default_dtype() else None
-    lm = eval_model(spec, stores, device, dtype)
-    return spec, lm, rows() if job is None else job.result()
+    if (dtype or default_dtype(device)) != torch.get_default_dtype():
+        return spec, eval_model(spec, stores, device, dtype), rows(threading.Event())
+    job = Background(rows)
+    try:
+        lm = eval_model(spec, stores, device, dtype)
+    except BaseException:
+        job.stop()
+        raise
+    return spec, lm, job.result()
 
 
 def eval_model(spec: str, stores: list[Store], device: str, dtype: torch.dtype | None) -> Any:
@@ -298,11 +310,12 @@ def run_set_eval(cfg: EvalConfig, runset: RunSet, t0: float, progress: bool) -> 
     result: dict[str, Any] = {"set": str(runset), "layers": [m[0] for m in members], "store": first_store.path,
                               "model": None}
 
-    def store_rows() -> dict[str, Any]:
+    def store_rows(stop: threading.Event) -> dict[str, Any]:
         per_layer = {}
         for layer, run, transcoder, store in members:
             status(f"eval: layer {layer}", progress)
-            rows = row_metrics(transcoder, store, cfg.rows, device, cfg.dense_threshold, cfg.include_bos, progress=progress)
+            rows = row_metrics(transcoder, store, cfg.rows, device, cfg.dense_threshold, cfg.include_bos, progress=progress,
+                               stop=stop)
             rows["rows_are_training_rows"] = resolved(run.training_store(store).path) == resolved(store.path)
             per_layer[str(layer)] = {"run": str(run), "hooks": store.hooks, "rows": rows}
         return per_layer
