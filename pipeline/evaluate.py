@@ -196,8 +196,10 @@ class Background:
         except BaseException as e:   # handed to the thread that asks for the result
             self._error = e
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 0.0) -> None:
+        """Ask fn to end, and wait up to wait_s seconds for it to do so."""
         self._stop.set()
+        self._thread.join(wait_s)
 
     def result(self) -> Any:
         self._thread.join()
@@ -229,7 +231,10 @@ def rows_beside_model(cfg: EvalConfig, train_store: Store, stores: list[Store], 
     job = Background(rows)
     try:
         lm = eval_model(spec, stores, device, dtype)
-    except BaseException:
+    except Exception:
+        job.stop(wait_s=10)   # the rows end before their next chunk; their bar closes before the error
+        raise
+    except BaseException:     # Ctrl-C: no waiting
         job.stop()
         raise
     return spec, lm, job.result()
