@@ -20,6 +20,12 @@ inputs rounded to bf16, float32 accumulation and output) and as a bf16 hi/lo spl
 products whose sum carries about 16 bits of each operand), alternating in one process, and prints
 how far each one's reported numbers are from float32's, and whether they differ as printed.
 
+With --phases, it instead says where this checkout's `tc eval` spends its time, each phase in
+wall and process CPU seconds, one process: the imports (in a fresh subprocess), the model load
+(tokenizer, Hugging Face weights, TransformerLens' bridge), the store-row metrics (run alone,
+not beside the load), the held-out text (re-reading the store's text), and within the LM passes
+the unembedding products, the CE/KL arithmetic and the rest (the blocks, the hooks, the splice).
+
 With --rows, it instead times the store-row metrics phase (row_metrics over the run's store),
 alternating the older per-batch squared error (float64 copies of the (G, B, d) predictions,
 kept here as the reference) and the current one, and reports the largest FVU difference.
@@ -98,7 +104,8 @@ def run_cli(src: str, run: str, tokens: int, threads: int | None) -> dict:
     if proc.returncode:
         raise SystemExit(f"tc eval failed ({src}): {buf.decode(errors='replace')[-2000:]}")
     return {"seconds": time.perf_counter() - start, "user_cpu_s": after.children_user - before.children_user,
-            "first_output_s": first, "phase_start_s": phases}
+            "sys_cpu_s": after.children_system - before.children_system, "first_output_s": first,
+            "phase_start_s": phases}
 
 
 def whole(args) -> None:
@@ -108,11 +115,14 @@ def whole(args) -> None:
         for name, src in (("old", args.whole), ("new", here)):
             r = run_cli(src, args.run, args.tokens, args.threads)
             runs[name].append(r)
-            print(f"repeat {i + 1} {name}: {r['seconds']:.1f} s, user cpu {r['user_cpu_s']:.1f} s, first output "
+            print(f"repeat {i + 1} {name}: {r['seconds']:.1f} s, user cpu {r['user_cpu_s']:.1f} s, sys cpu "
+                  f"{r['sys_cpu_s']:.1f} s, first output "
                   f"{r['first_output_s']:.1f} s, phases " + ", ".join(f"{k!r} {v:.1f}" for k, v in r["phase_start_s"].items()),
                   flush=True)
     ratios = [a["seconds"] / b["seconds"] for a, b in zip(runs["old"], runs["new"])]
-    print(f"old / new, whole tc eval: {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f})")
+    cpu = [(a["user_cpu_s"] + a["sys_cpu_s"]) / (b["user_cpu_s"] + b["sys_cpu_s"]) for a, b in zip(runs["old"], runs["new"])]
+    print(f"old / new, whole tc eval: wall {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}), "
+          f"user+sys cpu {statistics.median(cpu):.2f}x (range {min(cpu):.2f}-{max(cpu):.2f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"runs": runs, "ratios": ratios}, f, indent=1)
@@ -230,6 +240,83 @@ def unembed_phase(args, lm, seqs, hooks, replacements) -> None:
             json.dump(runs, f, indent=1)
 
 
+IMPORTS = """
+import time
+def lap(name, t=[time.perf_counter(), time.process_time()]):
+    w, c = time.perf_counter(), time.process_time()
+    print(f"{name}\t{w - t[0]:.2f}\t{c - t[1]:.2f}")
+    t[:] = [w, c]
+import torch; lap("import torch")
+import pipeline.evaluate, pipeline.store, pipeline.run; lap("import tc's eval modules")
+import transformers.models.gemma3.modeling_gemma3; lap("import transformers' Gemma 3")
+import transformer_lens.model_bridge; lap("import TransformerLens' bridge")
+"""
+
+
+class Timers:
+    """Wall and process CPU seconds per name, summed over calls of the wrapped functions."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = {}
+
+    def wrap(self, module, attr: str, name: str) -> None:
+        fn = getattr(module, attr)
+
+        def timed_fn(*args, **kwargs):
+            out, wall, cpu = timed(lambda: fn(*args, **kwargs))
+            acc = self.seconds.setdefault(name, [0.0, 0.0])
+            acc[0] += wall
+            acc[1] += cpu
+            return out
+
+        setattr(module, attr, timed_fn)
+
+    def add(self, name: str, wall: float, cpu: float) -> None:
+        self.seconds[name] = [wall, cpu]
+
+
+def phases(args) -> None:
+    from pipeline import models, row_eval
+
+    here = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": here}
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    out = subprocess.run([sys.executable, "-c", IMPORTS], env=env, cwd=here, capture_output=True, text=True, check=True)
+    t = Timers()
+    for line in out.stdout.splitlines():
+        name, wall, cpu = line.split("\t")
+        t.add(name, float(wall), float(cpu))
+    for attr, name in (("_tokenizer_from_folder", "load: tokenizer"), ("_from_folder", "load: Hugging Face model"),
+                       ("_boot", "load: TransformerLens bridge")):
+        t.wrap(models, attr, name)
+    run = open_run(args.run)
+    store = run.store(None)
+    lm, wall, cpu = timed(lambda: models.load_model(run.training_store(store).attrs["model"]))
+    t.add("load: all", wall, cpu)
+    transcoder = run.transcoder("cpu")
+    _, wall, cpu = timed(lambda: row_eval.row_metrics(transcoder, store, 200_000, "cpu", 0.1, progress=False))
+    t.add("store rows", wall, cpu)
+    (seqs, hooks), wall, cpu = timed(lambda: held_out(run, lm, args.tokens))
+    t.add("held-out text (re-reading the store's)", wall, cpu)
+    t.wrap(lm_eval, "unembed_logits", "LM: unembedding products")
+    t.wrap(lm_eval, "chunk_losses", "LM: CE/KL arithmetic")
+    replacements = {"spliced": lm_eval.transcoder_replacement(transcoder), "zero": lm_eval.zero_replacement}
+    _, wall, cpu = timed(lambda: lm_eval.lm_losses(lm.model, seqs, hooks["source"], hooks["target"], replacements,
+                                                   lm.bos_id, False, lm_eval.shared_batch_size(seqs.shape[1], 3),
+                                                   "cpu", progress=False))
+    t.add("LM: all", wall, cpu)
+    rest = [t.seconds["LM: all"][i] - t.seconds["LM: unembedding products"][i] - t.seconds["LM: CE/KL arithmetic"][i]
+            for i in (0, 1)]
+    t.add("LM: the rest (blocks, hooks, splice)", *rest)
+    print(f"torch threads {torch.get_num_threads()}, {seqs.size:,} held-out tokens; wall / process CPU seconds")
+    for name, (wall, cpu) in t.seconds.items():
+        print(f"  {name:<42}{wall:8.2f}{cpu:8.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(t.seconds, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", default="data/demo/run")
@@ -239,6 +326,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--whole", default=None, metavar="OLD_SRC", help="time the whole `tc eval` against the code in OLD_SRC")
     ap.add_argument("--rows", action="store_true", help="time the store-row metrics phase instead")
+    ap.add_argument("--phases", action="store_true", help="where this checkout's tc eval spends its time, phase by phase")
     ap.add_argument("--unembed", action="store_true", help="time float32 / bf16 / bf16-split unembedding products instead")
     args = ap.parse_args()
     if args.whole:
@@ -247,6 +335,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.rows:
         return rows_phase(args)
+    if args.phases:
+        return phases(args)
     from pipeline.models import load_model
 
     run = open_run(args.run)

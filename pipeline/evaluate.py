@@ -16,10 +16,11 @@ This module is the command: its config, the checks, which text and model to use,
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -155,11 +156,14 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     result: dict[str, Any] = {"run": str(run), "store": store.path, "model": None, "layer": store.attrs.get("layer"),
                               "hooks": store.hooks}
     train_store = run.training_store(store)   # the held-out text must avoid ITS text
-    lm = None
-    if cfg.lm_loss:   # load the model first: an unloadable model should fail before minutes of work
-        result["model"], lm = eval_model(cfg, train_store, [store], device, progress)
-    rows = row_metrics(transcoder, store, cfg.rows, device, cfg.dense_threshold, cfg.include_bos, progress=progress)
-    rows["rows_are_training_rows"] = resolved(train_store.path) == resolved(store.path)
+
+    def store_rows(stop: threading.Event) -> dict[str, Any]:
+        rows = row_metrics(transcoder, store, cfg.rows, device, cfg.dense_threshold, cfg.include_bos, progress=progress,
+                           stop=stop)
+        rows["rows_are_training_rows"] = resolved(train_store.path) == resolved(store.path)
+        return rows
+
+    result["model"], lm, rows = rows_beside_model(cfg, train_store, [store], device, store_rows, progress)
     result["rows"] = rows
     if lm is not None:
         pair = (store.hooks["source"], store.hooks["target"])
@@ -174,18 +178,76 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     return result
 
 
-def eval_model(cfg: EvalConfig, train_store: Store, stores: list[Store], device: str,
-               progress: bool) -> tuple[str, Any]:
-    """The model to splice into (--model, else the training store's) and its spec, checked
-    against every store."""
+class Background:
+    """fn(stop) in a daemon thread, started at once; result() waits for it and raises what it
+    raised; stop() sets the Event fn was handed, for it to end early. A daemon thread, so Ctrl-C
+    in the main thread does not wait for it."""
+
+    def __init__(self, fn: Callable[[threading.Event], Any]):
+        self._out: Any = None
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[threading.Event], Any]) -> None:
+        try:
+            self._out = fn(self._stop)
+        except BaseException as e:   # handed to the thread that asks for the result
+            self._error = e
+
+    def stop(self, wait_s: float = 0.0) -> None:
+        """Ask fn to end, and wait up to wait_s seconds for it to do so."""
+        self._stop.set()
+        self._thread.join(wait_s)
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._out
+
+
+def rows_beside_model(cfg: EvalConfig, train_store: Store, stores: list[Store], device: str,
+                      rows: Callable[[threading.Event], Any], progress: bool) -> tuple[str | None, Any, Any]:
+    """(model spec, loaded model, rows(stop)): the model (None with --no-lm-loss) loaded while
+    rows(stop) computes the store-row metrics in another thread.
+
+    The load is mostly Python (imports, the bridge's setup) holding the GIL on one core; the row
+    metrics are torch arithmetic that releases it, so on two cores they overlap (docs/benchmarks.md).
+    An unloadable model still fails at once (the rows are told to stop). Hugging Face sets
+    torch's process-wide default dtype to the model's while it builds the model, so with a dtype
+    other than the default (bfloat16 on GPU) the rows wait for the load instead.
+    """
+    if not cfg.lm_loss:
+        return None, None, rows(threading.Event())
+    from pipeline.models import default_dtype
+
     spec = cfg.model or train_store.attrs.get("model")
     status(f"eval: loading model {spec} on {device}", progress)
-    lm = load_eval_model(spec, stores[0], device, model_dtype(cfg.dtype, device))
+    dtype = model_dtype(cfg.dtype, device)
+    if (dtype or default_dtype(device)) != torch.get_default_dtype():
+        return spec, eval_model(spec, stores, device, dtype), rows(threading.Event())
+    job = Background(rows)
+    try:
+        lm = eval_model(spec, stores, device, dtype)
+    except Exception:
+        job.stop(wait_s=10)   # the rows end before their next chunk; their bar closes before the error
+        raise
+    except BaseException:     # Ctrl-C: no waiting
+        job.stop()
+        raise
+    return spec, lm, job.result()
+
+
+def eval_model(spec: str, stores: list[Store], device: str, dtype: torch.dtype | None) -> Any:
+    """The loaded model `spec`, checked against every store."""
+    lm = load_eval_model(spec, stores[0], device, dtype)
     for store in stores[1:]:
         missing = [name for name in store.hooks.values() if name not in lm.model.hook_dict]
         if missing:
             raise UserError(f"model {spec} has no hook {missing[0]}: pass the model the store was made from with --model")
-    return spec, lm
+    return lm
 
 
 def lm_section(cfg: EvalConfig, store: Store, lm: Any, splices: dict[str, lm_eval.Splice],
@@ -252,16 +314,19 @@ def run_set_eval(cfg: EvalConfig, runset: RunSet, t0: float, progress: bool) -> 
     train_store = first_run.training_store(first_store)   # one store for all: the held-out text avoids its text
     result: dict[str, Any] = {"set": str(runset), "layers": [m[0] for m in members], "store": first_store.path,
                               "model": None}
-    lm = None
-    if cfg.lm_loss:
-        result["model"], lm = eval_model(cfg, train_store, [m[3] for m in members], device, progress)
-    per_layer = {}
-    for layer, run, transcoder, store in members:
-        status(f"eval: layer {layer}", progress)
-        rows = row_metrics(transcoder, store, cfg.rows, device, cfg.dense_threshold, cfg.include_bos, progress=progress)
-        rows["rows_are_training_rows"] = resolved(run.training_store(store).path) == resolved(store.path)
-        per_layer[str(layer)] = {"run": str(run), "hooks": store.hooks, "rows": rows}
-    result["per_layer"] = per_layer
+
+    def store_rows(stop: threading.Event) -> dict[str, Any]:
+        per_layer = {}
+        for layer, run, transcoder, store in members:
+            status(f"eval: layer {layer}", progress)
+            rows = row_metrics(transcoder, store, cfg.rows, device, cfg.dense_threshold, cfg.include_bos, progress=progress,
+                               stop=stop)
+            rows["rows_are_training_rows"] = resolved(run.training_store(store).path) == resolved(store.path)
+            per_layer[str(layer)] = {"run": str(run), "hooks": store.hooks, "rows": rows}
+        return per_layer
+
+    result["model"], lm, result["per_layer"] = rows_beside_model(cfg, train_store, [m[3] for m in members], device,
+                                                                 store_rows, progress)
     if lm is not None:
         result["lm"] = lm_section(cfg, train_store, lm, set_splices(members, cfg.each_layer), progress)
     result.update({"seconds": round(time.perf_counter() - t0, 1), "config": asdict(cfg), "versions": versions()})

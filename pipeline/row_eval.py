@@ -4,6 +4,7 @@ evenly across the store. Predictions come from the transcoder's own `predict_pre
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,10 @@ from tqdm import tqdm
 from pipeline.store import Store, usable_mask
 from pipeline.transcoder import Transcoder
 from pipeline.util import UserError
+
+
+class Stopped(Exception):
+    """row_metrics was asked to stop (its caller no longer wants the numbers)."""
 
 
 class RowTotals:
@@ -41,13 +46,15 @@ def pick_chunks(n_chunks: int, chunk_rows: int, rows: int) -> list[int]:
 
 @torch.no_grad()
 def row_metrics(transcoder: Transcoder, store: Store, rows: int, device: str, dense_threshold: float,
-                include_bos: bool = False, batch_rows: int = 4096, progress: bool = True) -> dict[str, Any]:
+                include_bos: bool = False, batch_rows: int = 4096, progress: bool = True,
+                stop: threading.Event | None = None) -> dict[str, Any]:
     """FVU per prefix, variance explained, L0, dead and dense fractions over sampled store rows.
 
     Rows flagged as clamped to the fp16 range are always skipped, BOS rows unless include_bos
     (the transcoder never trained on them). Outlier rows are left out of the main numbers too, and
     measured on their own ("outliers"), so a reader sees how the transcoder does on them.
-    Memory: one chunk plus (G, batch_rows, d) predictions.
+    Memory: one chunk plus (G, batch_rows, d) predictions. Raises Stopped before the next chunk
+    once `stop` is set (eval computes these in a thread beside the model load, which may fail).
     """
     G = len(transcoder.groups)
     tot = RowTotals(transcoder.d_out, transcoder.d_latent, G)
@@ -56,6 +63,9 @@ def row_metrics(transcoder: Transcoder, store: Store, rows: int, device: str, de
     bar = tqdm(total=sum(b - a for a, b in map(store.chunk_range, chunks)), unit="row",
                unit_scale=True, desc="eval: store rows", disable=not progress)
     for c in chunks:
+        if stop is not None and stop.is_set():
+            bar.close()
+            raise Stopped
         block = store.read_chunk(c)
         keep = usable_mask(block.flags, include_bos)
         outlier = usable_mask(block.flags, include_bos, include_outliers=True) & ~keep

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -482,11 +483,65 @@ def test_unloadable_model_is_one_line_and_exit_2(tmp_path, synthetic_store):
     cli.register(app, "eval", ev.EvalConfig, ev.run_eval, "eval")
     res = CliRunner().invoke(app, ["--run", str(run), "--device", "cpu"])
     assert res.exit_code == 2
-    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    # the store rows' bar runs beside the load (and is stopped by its failure): leave it out
+    lines = [ln for ln in res.output.splitlines() if ln.strip() and not ln.startswith("eval: store rows")]
     # the status line printed as the load starts, then the error alone
     assert lines[0].startswith("eval: loading model synthetic")
     assert len(lines) == 2 and "cannot load model 'synthetic'" in lines[1] and "Traceback" not in res.output
     assert not (run / "eval.json").exists()
+
+
+def fake_load(log: list, rows_started: threading.Event):
+    """A load_eval_model stand-in that waits (up to 10 s) for the store rows to start."""
+    def load(spec, store, device, dtype):
+        log.append(("rows had started" if rows_started.wait(10 if dtype is None else 0.5) else "rows not started", dtype))
+        return SimpleNamespace(model=SimpleNamespace(hook_dict={}))
+    return load
+
+
+def test_store_rows_run_while_the_model_loads(monkeypatch):
+    """At the default dtype the rows start while the model loads; otherwise (HF sets torch's
+    process-wide default dtype while it builds the model) only after it."""
+    for dtype, want in (("auto", "rows had started"), ("bfloat16", "rows not started")):
+        started, log = threading.Event(), []
+        monkeypatch.setattr(ev, "load_eval_model", fake_load(log, started))
+
+        def rows(stop):
+            started.set()
+            return "rows"
+
+        cfg = ev.EvalConfig(model="tiny", dtype=dtype)
+        spec, lm, out = ev.rows_beside_model(cfg, SimpleNamespace(attrs={}), [None], "cpu", rows, progress=False)
+        assert (spec, out) == ("tiny", "rows") and lm is not None
+        assert log == [(want, None if dtype == "auto" else torch.bfloat16)]
+
+
+def test_a_failed_load_stops_the_rows_and_a_failure_in_the_rows_reaches_the_caller(monkeypatch, synthetic_store):
+    stopped = threading.Event()
+
+    def rows(stop):
+        assert stop.wait(10)
+        stopped.set()
+
+    def unloadable(spec, store, device, dtype):
+        raise UserError("cannot load")
+
+    monkeypatch.setattr(ev, "load_eval_model", unloadable)
+    with pytest.raises(UserError, match="cannot load"):
+        ev.rows_beside_model(ev.EvalConfig(model="x"), SimpleNamespace(attrs={}), [None], "cpu", rows, progress=False)
+    assert stopped.wait(10)
+    started = threading.Event()
+    started.set()
+    monkeypatch.setattr(ev, "load_eval_model", fake_load([], started))
+    with pytest.raises(ZeroDivisionError):
+        ev.rows_beside_model(ev.EvalConfig(model="x"), SimpleNamespace(attrs={}), [None], "cpu", lambda stop: 1 / 0,
+                             progress=False)
+    # row_metrics itself ends before its next chunk once told to stop
+    store = Store(synthetic_store)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(row_eval.Stopped):
+        row_eval.row_metrics(random_transcoder(store), store, 1000, "cpu", 0.1, progress=False, stop=stop)
 
 
 def test_bad_options_and_mismatched_stores_are_user_errors(tmp_path, synthetic_store):

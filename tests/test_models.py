@@ -111,6 +111,26 @@ def test_vocab_strings_equal_the_tokenizers_own_decode(model):
     assert len(fast) == len(tok) and [fast[i] for i in sample] == slow
 
 
+@pytest.mark.parametrize("model", ["tiny", pytest.param("gemma-3-270m", marks=pytest.mark.slow)])
+def test_folder_tokenizer_equals_autotokenizers(model):
+    """The tokenizer read straight from tokenizer.json behaves as AutoTokenizer's for that folder."""
+    from transformers import AutoTokenizer
+
+    tok = load_tokenizer(model)
+    auto = AutoTokenizer.from_pretrained(tok.name_or_path, add_bos_token=True)
+    texts = ["def f(x):\n    return x ** 2  # naïve, 日本語 ✓\n\n", "  two  spaces <bos> and <eos>\ttab", ""]
+    for kwargs in ({}, {"add_special_tokens": False}):
+        assert tok(texts, **kwargs)["input_ids"] == auto(texts, **kwargs)["input_ids"]
+    assert tok.backend_tokenizer.to_str() == auto.backend_tokenizer.to_str()
+    for name in ("name_or_path", "padding_side", "truncation_side", "model_max_length", "add_bos_token",
+                 "add_eos_token", "clean_up_tokenization_spaces", "all_special_tokens", "all_special_ids",
+                 "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "mask_token_id"):
+        assert getattr(tok, name) == getattr(auto, name), name
+    assert len(tok) == len(auto) and tok.added_tokens_decoder == auto.added_tokens_decoder
+    ids = tok(texts[0])["input_ids"]
+    assert tok.decode(ids) == auto.decode(ids)
+
+
 def test_interrupted_build_leaves_no_folder(tmp_path):
     target = tmp_path / "thing"
     with pytest.raises(KeyboardInterrupt):
